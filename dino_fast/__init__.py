@@ -1,0 +1,10 @@
+"""dino_fast: the official DINO recipe with fused Triton kernels for the loss and the teacher EMA.
+
+Public entry points:
+    DINOLoss      drop-in replacement of the official training script's loss class.
+"""
+__version__ = "0.1.0"
+
+from dino_fast.loss import DINOLoss, dino_loss_eager
+
+__all__ = ["DINOLoss", "dino_loss_eager", "__version__"]

@@ -1,0 +1,295 @@
+"""The DINO loss: a drop-in replacement of the official training script's `DINOLoss`.
+
+Math (crop-major rows; G = 2 teacher crops, V student crops, B samples, K = out_dim):
+
+    q_ib  = softmax((T_ib - c) / tau_t)                      teacher, no gradient
+    P     = {(i, v) : i < G, v < V, v != i},  |P| = G*V - G
+    L     = 1/|P| * sum_{(i,v) in P} mean_b [ -sum_k q_ib,k * log_softmax(S_vb / tau_s)_k ]
+
+Since sum_k q = 1, a pair term is lse(S_vb/tau_s) - <q_ib, S_vb>/tau_s, so one log-sum-exp per
+student row and the teacher/student dot products give the whole loss; no pair ever needs its own
+(B, K) tensor. With m_v = #{i < G : i != v} and Q_vb = sum_{i != v} q_ib:
+
+    dL/dS_vb = (m_v * softmax(S_vb / tau_s) - Q_vb) / (|P| * B * tau_s)
+
+The center is updated after the loss (which used the old center) from the teacher's row sum,
+all-reduced over the process group when there is one.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dino_fast.backend import check_backend_name, resolve_backend
+
+N_GLOBAL_CROPS = 2  # the teacher sees the two global crops, rows 0..2B-1 of the student too
+
+
+def _check_floating(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16 or float16), "
+                        f"got dtype {t.dtype}")
+
+
+def check_loss_inputs(student_output, teacher_output, center, ncrops: int) -> tuple[int, int]:
+    """Validate the loss inputs; return (B, K). Raises before anything is computed or written.
+
+    student_output: (ncrops*B, K), teacher_output: (2*B, K), center: (1, K) fp32.
+    """
+    _check_floating(student_output, "student_output")
+    _check_floating(teacher_output, "teacher_output")
+    if student_output.dim() != 2:
+        raise ValueError(f"student_output must be 2-D (ncrops*batch, out_dim), got shape "
+                         f"{tuple(student_output.shape)}")
+    if teacher_output.dim() != 2:
+        raise ValueError(f"teacher_output must be 2-D (2*batch, out_dim), got shape "
+                         f"{tuple(teacher_output.shape)}")
+    rows, K = student_output.shape
+    if rows == 0 or rows % ncrops != 0:
+        raise ValueError(f"student_output has {rows} rows, which is not a positive multiple of "
+                         f"ncrops={ncrops} (rows must be ncrops*batch, crop-major)")
+    B = rows // ncrops
+    if teacher_output.shape[0] != N_GLOBAL_CROPS * B:
+        raise ValueError(f"teacher_output must have {N_GLOBAL_CROPS}*batch = {N_GLOBAL_CROPS * B} "
+                         f"rows (batch={B} from student_output), got {teacher_output.shape[0]}")
+    if center.shape != (1, K) or teacher_output.shape[1] != K:
+        raise ValueError(f"out_dim mismatch: the loss was built with out_dim={center.shape[1]}, "
+                         f"student_output has {K} columns and teacher_output has "
+                         f"{teacher_output.shape[1]}")
+    if teacher_output.device != student_output.device:
+        raise ValueError(f"teacher_output is on {teacher_output.device} but student_output is on "
+                         f"{student_output.device}; both must be on the same device")
+    if center.device != student_output.device:
+        raise ValueError(f"the loss's center buffer is on {center.device} but student_output is on "
+                         f"{student_output.device}; move the loss there first (loss.to(device) or "
+                         f"loss.cuda(), as the official script does)")
+    return B, K
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 when any input is fp64 (the exactness tests), fp32 otherwise: every reduction of the
+    loss accumulates at least in fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def crop_multiplicities(ncrops: int, n_global: int = N_GLOBAL_CROPS) -> tuple[int, int]:
+    """(m_global, m_local): how many teacher crops each student crop is paired with."""
+    return n_global - 1, n_global
+
+
+def num_pairs(ncrops: int, n_global: int = N_GLOBAL_CROPS) -> int:
+    return n_global * ncrops - n_global
+
+
+class _DINOLossEager(torch.autograd.Function):
+    """Eager loss with the closed-form gradient (see the module docstring), one crop at a time.
+
+    Forward: one log_softmax per student crop and the pair terms as dot products with the summed
+    teacher probabilities; backward: one softmax per crop written straight into the gradient.
+    Working crop by crop keeps every temporary at (B, K): the allocator reuses those blocks, where
+    a fresh (V*B, K) temporary costs a page fault per 4 KiB on every call (on CPU that, not the
+    arithmetic, dominated a vectorised version). Saves S (already alive) and the teacher
+    probabilities q (G*B*K floats); no pair ever has its own tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, center, ncrops, student_temp, teacher_temp):
+        G, V = N_GLOBAL_CROPS, ncrops
+        B, K = student.shape[0] // V, student.shape[1]
+        cdt = compute_dtype(student, teacher)
+        q = torch.softmax((teacher.to(cdt) - center.to(cdt)) / teacher_temp, dim=-1).view(G, B, K)
+        qsum = q.sum(0).flatten()  # sum over the teacher crops, (B*K,)
+        crops = student.view(V, B, K)
+        # sum_{(i,v) in P} <q_i, -log p_v> = -sum_v <qsum, log p_v> + sum_{v<G} <q_v, log p_v>
+        total = torch.zeros((), dtype=cdt, device=student.device)
+        for v in range(V):
+            logp = torch.log_softmax(torch.div(crops[v].to(cdt), student_temp), dim=-1).flatten()
+            total -= torch.dot(qsum, logp)
+            if v < G:
+                total += torch.dot(q[v].flatten(), logp)
+        loss = total / (num_pairs(V) * B)
+        ctx.save_for_backward(student, q)
+        ctx.ncrops, ctx.student_temp = V, student_temp
+        return loss.to(torch.float64 if cdt == torch.float64 else torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        student, q = ctx.saved_tensors
+        G, V, tau_s = N_GLOBAL_CROPS, ctx.ncrops, ctx.student_temp
+        B, K = student.shape[0] // V, student.shape[1]
+        # dL/dS_vb = (m_v p_vb - Q_vb) * scale,  scale = grad / (|P| B tau_s),
+        # Q_vb = qsum_b - [v < G] q_vb,  p_vb = softmax(S_vb / tau_s)
+        scale = grad_loss.to(q.dtype) / (num_pairs(V) * B * tau_s)
+        m_global, m_local = crop_multiplicities(V)
+        neg_qsum = q.sum(0) * -scale
+        grad = torch.empty((V, B, K), dtype=student.dtype, device=student.device)
+        crops = student.view(V, B, K)
+        for v in range(V):
+            p = torch.softmax(torch.div(crops[v].to(q.dtype), tau_s), dim=-1)
+            neg_q = neg_qsum + q[v] * scale if v < G else neg_qsum
+            m = m_global if v < G else m_local
+            if grad.dtype == p.dtype:  # write the gradient in one pass
+                torch.addcmul(neg_q, p, scale, value=m, out=grad[v])
+            else:
+                grad[v].copy_(torch.addcmul(neg_q, p, scale, value=m))
+        return grad.view(V * B, K), None, None, None, None, None
+
+
+def dino_loss_eager(student_output: torch.Tensor, teacher_output: torch.Tensor,
+                    center: torch.Tensor, ncrops: int, student_temp: float,
+                    teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager DINO loss: returns (loss, teacher_row_sum).
+
+    loss: fp32 scalar (fp64 for fp64 inputs), differentiable w.r.t. student_output.
+    teacher_row_sum: (K,) fp32, the sum of teacher_output over its rows, for the center update.
+    The teacher gets no gradient. Inputs are validated (see `check_loss_inputs`).
+    """
+    check_loss_inputs(student_output, teacher_output, center, ncrops)
+    teacher = teacher_output.detach()
+    loss = _DINOLossEager.apply(student_output, teacher, center.detach(), ncrops,
+                                float(student_temp), float(teacher_temp))
+    row_sum = torch.sum(teacher, dim=0, dtype=torch.float32)
+    return loss, row_sum
+
+
+def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float,
+                          warmup_teacher_temp_epochs: int, nepochs: int) -> np.ndarray:
+    """Per-epoch teacher temperature: linear warm-up, then constant (the official schedule)."""
+    return np.concatenate((
+        np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+        np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+    ))
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not value > 0 or not np.isfinite(value):
+        raise ValueError(f"{name} must be a positive finite temperature, got {value}")
+    return float(value)
+
+
+class DINOLoss(nn.Module):
+    """Drop-in replacement of the official DINO training script's `DINOLoss`.
+
+    Same constructor, `forward(student_output, teacher_output, epoch)`, `center` buffer (1, out_dim)
+    fp32, `teacher_temp_schedule` numpy array and state_dict (`{'center': ...}`) as the official
+    class. Extras, keyword-only:
+
+    backend: "auto" (Triton on CUDA, eager on CPU), "triton" or "eager". After each call,
+        `last_backend` says which ran.
+    async_center: launch the center's all-reduce asynchronously and wait for it at the next use
+        of the center (next forward, state_dict, or `synchronize_center()`), as DINOv2 does.
+
+    Unlike the official class, no process group is required; with one initialized, the teacher's
+    row sum is all-reduced (SUM) and divided by the global row count.
+    """
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, *, backend: str = "auto",
+                 async_center: bool = False):
+        super().__init__()
+        out_dim = _check_int(out_dim, "out_dim", 1)
+        self.ncrops = _check_int(ncrops, "ncrops", N_GLOBAL_CROPS)
+        nepochs = _check_int(nepochs, "nepochs", 1)
+        warmup_teacher_temp_epochs = _check_int(warmup_teacher_temp_epochs,
+                                                "warmup_teacher_temp_epochs", 0)
+        if warmup_teacher_temp_epochs > nepochs:
+            raise ValueError(f"warmup_teacher_temp_epochs must be <= nepochs={nepochs}, got "
+                             f"{warmup_teacher_temp_epochs}")
+        _check_positive(warmup_teacher_temp, "warmup_teacher_temp")
+        _check_positive(teacher_temp, "teacher_temp")
+        self.student_temp = _check_positive(student_temp, "student_temp")
+        if isinstance(center_momentum, bool) or not isinstance(center_momentum, numbers.Real) \
+                or not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be a number in [0, 1], got {center_momentum!r}")
+        self.center_momentum = float(center_momentum)
+        self.backend = check_backend_name(backend)
+        self.async_center = bool(async_center)
+        self.last_backend: Optional[str] = None
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        # we apply the same per-epoch schedule as the official script
+        self.teacher_temp_schedule = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self._pending_center = None  # (work handle, row sum, global row count) when async
+        self.register_state_dict_pre_hook(lambda module, *args, **kwargs: module.synchronize_center())
+
+    @property
+    def out_dim(self) -> int:
+        return self.center.shape[1]
+
+    def _check_epoch(self, epoch) -> int:
+        n = len(self.teacher_temp_schedule)
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
+            raise TypeError(f"epoch must be an integer in [0, {n}), got {epoch!r}")
+        if not 0 <= epoch < n:
+            raise ValueError(f"epoch must be in [0, {n}) (the teacher temperature schedule has "
+                             f"nepochs={n} entries), got {epoch}")
+        return int(epoch)
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                epoch: int) -> torch.Tensor:
+        """Cross-entropy between softmax outputs of the teacher and student networks.
+
+        student_output: (ncrops*B, out_dim), crop-major; teacher_output: (2*B, out_dim), the two
+        global crops. Returns the loss, an fp32 scalar, and then updates the center.
+        """
+        epoch = self._check_epoch(epoch)
+        check_loss_inputs(student_output, teacher_output, self.center, self.ncrops)
+        self.synchronize_center()
+        backend = resolve_backend(self.backend, student_output.device, "DINOLoss")
+        temp = float(self.teacher_temp_schedule[epoch])
+        if backend == "triton":
+            from dino_fast.kernels.dino_loss import dino_loss_triton
+            loss, row_sum = dino_loss_triton(student_output, teacher_output, self.center,
+                                             self.ncrops, self.student_temp, temp)
+        else:
+            loss, row_sum = dino_loss_eager(student_output, teacher_output, self.center,
+                                            self.ncrops, self.student_temp, temp)
+        self.last_backend = backend
+        self.update_center(row_sum, teacher_output.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_row_sum: torch.Tensor, n_rows: int) -> None:
+        """EMA of the teacher's batch mean: c <- m*c + (1-m) * sum_rows(T) / (rows * world)."""
+        row_sum = teacher_row_sum.to(torch.float32).view(1, -1)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            if self.async_center:
+                work = dist.all_reduce(row_sum, async_op=True)
+                self._pending_center = (work, row_sum, n_rows * world)
+                return
+            dist.all_reduce(row_sum)
+        self._apply_center(row_sum, n_rows * world)
+
+    def _apply_center(self, row_sum: torch.Tensor, total_rows: int) -> None:
+        batch_center = row_sum / total_rows
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+    @torch.no_grad()
+    def synchronize_center(self) -> None:
+        """Finish an asynchronous center update, if one is pending (no-op otherwise)."""
+        if self._pending_center is not None:
+            work, row_sum, total_rows = self._pending_center
+            self._pending_center = None
+            work.wait()
+            self._apply_center(row_sum, total_rows)

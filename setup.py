@@ -1,0 +1,32 @@
+"""Install dino_fast. `kernels/` is installed as the subpackage `dino_fast.kernels` (a bare
+top-level `kernels` module would shadow the Hugging Face `kernels` package)."""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "dino_fast" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="dino_fast",
+    version=VERSION,
+    description="Triton-accelerated DINO self-supervised training of Vision Transformers",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["dino_fast", "dino_fast.kernels"],
+    package_dir={"dino_fast": "dino_fast", "dino_fast.kernels": "kernels"},
+    install_requires=[
+        # A range that admits the 2.14.1 build on this machine's local index; never pin an exact
+        # torch, so that pip does not fetch a second multi-GB build.
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "timm>=1.0",
+        # Triton ships Linux wheels only; elsewhere the eager paths run.
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4"]},
+)

@@ -1,0 +1,50 @@
+"""Literal references the tests compare against, and the per-dtype tolerances, in one place.
+
+Tolerances (relative RMS error, `rel_rms`, steadier than elementwise rtol for reductions over
+thousands of columns):
+- fp64: the eager path and the oracle differ only by summation order: 1e-10.
+- fp32: same math in fp32 accumulation over up to ~1e5 terms: 1e-5.
+- bf16 / fp16: the loss is computed in fp32 from the same (rounded) inputs, so the loss keeps the
+  fp32 bound; the gradient is returned in the input dtype, so it carries that dtype's rounding
+  (bf16 has 8 significant bits, 2^-8 = 3.9e-3; fp16 has 11, 2^-11 = 4.9e-4), plus margin.
+"""
+import torch
+import torch.nn.functional as F
+
+LOSS_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+GRAD_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected||_2 / ||expected||_2, computed in fp64."""
+    a, e = actual.double(), expected.double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+def official_dino_loss(student_output, teacher_output, center, ncrops, student_temp, teacher_temp):
+    """The official formulation, literally: a double loop over crop pairs, one log_softmax each."""
+    student_out = student_output / student_temp
+    student_out = student_out.chunk(ncrops)
+    teacher_out = F.softmax((teacher_output - center) / teacher_temp, dim=-1)
+    teacher_out = teacher_out.detach().chunk(2)
+    total_loss = 0
+    n_loss_terms = 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue  # we skip cases where student and teacher operate on the same view
+            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+            total_loss += loss.mean()
+            n_loss_terms += 1
+    return total_loss / n_loss_terms
+
+
+def make_logits(batch, ncrops, out_dim, dtype=torch.float32, teacher_scale=1.0, seed=0,
+                device="cpu"):
+    """Cosine-like student logits in [-1, 1] and teacher logits (scaled), crop-major."""
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.rand(ncrops * batch, out_dim, generator=g) * 2 - 1)
+    teacher = (torch.rand(2 * batch, out_dim, generator=g) * 2 - 1) * teacher_scale
+    center = torch.randn(1, out_dim, generator=g) * 0.1
+    return (student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype),
+            center.to(device))

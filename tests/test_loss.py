@@ -1,0 +1,263 @@
+"""DINOLoss, eager path: exactness against the literal official double loop, center update,
+schedule, state dict, distributed center and input validation."""
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dino_fast import DINOLoss, dino_loss_eager
+from reference import GRAD_RTOL, LOSS_RTOL, make_logits, official_dino_loss, rel_rms
+
+# (batch, ncrops, out_dim): awkward ones included (B = 1, 2 crops only, K = 1, K not a power of
+# two, 2 + 10 crops)
+SHAPES = [(1, 2, 7), (3, 4, 33), (2, 12, 100), (4, 10, 1), (5, 3, 257), (1, 12, 64)]
+
+
+def _loss(out_dim, ncrops, **kw):
+    args = dict(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3,
+                nepochs=10)
+    args.update(kw)
+    return DINOLoss(out_dim, ncrops, backend="eager", **args)
+
+
+def _check_against_official(batch, ncrops, out_dim, dtype, epoch=1, grad_scale=2.5,
+                            teacher_scale=1.0):
+    student, teacher, center = make_logits(batch, ncrops, out_dim, dtype, teacher_scale)
+    loss_mod = _loss(out_dim, ncrops)
+    loss_mod.center.copy_(center)
+    temp = float(loss_mod.teacher_temp_schedule[epoch])
+
+    ref_s = student.detach().double().requires_grad_()
+    ref = official_dino_loss(ref_s, teacher.double(), center.double(), ncrops, 0.1, temp)
+    (ref * grad_scale).backward()
+
+    s = student.detach().clone().requires_grad_()
+    out = loss_mod(s, teacher, epoch)
+    (out * grad_scale).backward()
+
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out.shape == ()
+    assert s.grad.dtype == dtype
+    assert rel_rms(out, ref) <= LOSS_RTOL[dtype], (out.item(), ref.item())
+    assert rel_rms(s.grad, ref_s.grad) <= GRAD_RTOL[dtype]
+    assert loss_mod.last_backend == "eager"
+
+
+@pytest.mark.parametrize("batch,ncrops,out_dim", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_eager_matches_official_double_loop(batch, ncrops, out_dim, dtype):
+    _check_against_official(batch, ncrops, out_dim, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eager_is_stable_for_teacher_logits_near_50_after_centering(dtype):
+    # teacher logits in [-2, 2] at tau_t = 0.04: (T - c) / tau_t reaches +-50
+    _check_against_official(4, 6, 129, dtype, epoch=0, teacher_scale=2.0)
+
+
+def test_eager_matches_official_at_large_out_dim():
+    _check_against_official(2, 4, 65536, torch.float32)
+
+
+def test_gradcheck_fp64():
+    student, teacher, center = make_logits(2, 4, 9, torch.float64)
+    student.requires_grad_()
+    fn = lambda s: dino_loss_eager(s, teacher, center, 4, 0.1, 0.05)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-8)
+
+
+def test_teacher_gets_no_gradient_and_teacher_sum_is_fp32():
+    student, teacher, center = make_logits(3, 4, 17, torch.bfloat16)
+    teacher.requires_grad_()
+    loss, row_sum = dino_loss_eager(student.requires_grad_(), teacher, center, 4, 0.1, 0.04)
+    loss.backward()
+    assert teacher.grad is None
+    assert row_sum.dtype == torch.float32 and row_sum.shape == (17,)
+    torch.testing.assert_close(row_sum, teacher.detach().float().sum(0), rtol=1e-6, atol=1e-5)
+
+
+def test_center_after_n_steps_equals_independent_ema():
+    torch.manual_seed(1)
+    K, ncrops, B, m = 31, 4, 3, 0.9
+    loss_mod = _loss(K, ncrops, center_momentum=m)
+    expected = torch.zeros(1, K, dtype=torch.float64)
+    for step in range(5):
+        student = torch.randn(ncrops * B, K)
+        teacher = torch.randn(2 * B, K)
+        loss_mod(student, teacher, epoch=step)
+        expected = expected * m + teacher.double().mean(0, keepdim=True) * (1 - m)
+    torch.testing.assert_close(loss_mod.center.double(), expected, rtol=1e-6, atol=1e-7)
+    assert loss_mod.center.dtype == torch.float32
+
+
+def test_loss_uses_the_center_from_before_its_update():
+    student, teacher, center = make_logits(2, 4, 23)
+    loss_mod = _loss(23, 4)
+    loss_mod.center.copy_(center)
+    out = loss_mod(student, teacher, 0)
+    ref = official_dino_loss(student.double(), teacher.double(), center.double(), 4, 0.1, 0.04)
+    assert rel_rms(out, ref) < 1e-5
+    assert not torch.equal(loss_mod.center, center)
+
+
+def test_teacher_temp_schedule_warmup_start_middle_end_and_after():
+    loss_mod = DINOLoss(8, 4, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                        warmup_teacher_temp_epochs=31, nepochs=100)
+    sched = loss_mod.teacher_temp_schedule
+    assert isinstance(sched, np.ndarray) and sched.shape == (100,)
+    assert sched[0] == pytest.approx(0.04)
+    assert sched[15] == pytest.approx(0.055)
+    assert sched[30] == pytest.approx(0.07)
+    assert np.all(sched[31:] == 0.07)
+    # no warm-up at all
+    flat = DINOLoss(8, 4, 0.04, 0.07, 0, 5).teacher_temp_schedule
+    assert np.all(flat == 0.07)
+
+
+def test_epoch_selects_the_schedule_temperature():
+    student, teacher, center = make_logits(2, 3, 12)
+    loss_mod = _loss(12, 3)
+    for epoch in (0, 1, 5):
+        loss_mod.center.copy_(center)
+        out = loss_mod(student, teacher, epoch)
+        temp = float(loss_mod.teacher_temp_schedule[epoch])
+        ref = official_dino_loss(student.double(), teacher.double(), center.double(), 3, 0.1, temp)
+        assert rel_rms(out, ref) < 1e-5
+
+
+def test_state_dict_round_trip_and_official_format():
+    a = _loss(16, 4)
+    a(torch.randn(8, 16), torch.randn(4, 16), 0)
+    sd = a.state_dict()
+    assert list(sd.keys()) == ["center"] and sd["center"].shape == (1, 16)
+    b = _loss(16, 4)
+    b.load_state_dict(sd)
+    assert torch.equal(b.center, a.center)
+    official = {"center": torch.full((1, 16), 0.25)}
+    b.load_state_dict(official)
+    assert torch.equal(b.center, official["center"])
+
+
+def test_a_bf16_loss_module_keeps_an_fp32_center_for_fp32_inputs():
+    loss_mod = _loss(10, 2)
+    loss_mod(torch.randn(4, 10, dtype=torch.float16), torch.randn(4, 10, dtype=torch.float16), 0)
+    assert loss_mod.center.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- bad input
+
+def _bad_forward_cases():
+    ok_s, ok_t = torch.randn(8, 16), torch.randn(4, 16)  # ncrops = 4, B = 2
+    return [
+        ("student_output", ValueError, lambda: (torch.randn(9, 16), ok_t, 0)),
+        ("teacher_output", ValueError, lambda: (ok_s, torch.randn(6, 16), 0)),
+        ("out_dim", ValueError, lambda: (torch.randn(8, 15), torch.randn(4, 15), 0)),
+        ("out_dim", ValueError, lambda: (ok_s, torch.randn(4, 15), 0)),
+        ("epoch", ValueError, lambda: (ok_s, ok_t, 10)),
+        ("epoch", ValueError, lambda: (ok_s, ok_t, -1)),
+        ("epoch", TypeError, lambda: (ok_s, ok_t, 1.5)),
+        ("student_output", TypeError, lambda: (ok_s.long(), ok_t, 0)),
+        ("teacher_output", TypeError, lambda: (ok_s, ok_t.int(), 0)),
+        ("student_output", ValueError, lambda: (ok_s.view(8, 4, 4), ok_t, 0)),
+        ("teacher_output", ValueError, lambda: (ok_s, ok_t.view(4, 4, 4), 0)),
+        ("student_output", TypeError, lambda: (ok_s.numpy(), ok_t, 0)),
+        ("teacher_output", ValueError, lambda: (ok_s, ok_t.to("meta"), 0)),
+        ("center", ValueError, lambda: (ok_s.to("meta"), ok_t.to("meta"), 0)),
+    ]
+
+
+@pytest.mark.parametrize("name,exc,make", _bad_forward_cases(),
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(_bad_forward_cases())])
+def test_bad_forward_input_raises_naming_the_argument_and_leaves_center(name, exc, make):
+    loss_mod = _loss(16, 4)
+    loss_mod.center.copy_(torch.randn(1, 16))
+    before = loss_mod.center.clone()
+    student, teacher, epoch = make()
+    with pytest.raises(exc, match=name):
+        loss_mod(student, teacher, epoch)
+    assert torch.equal(loss_mod.center, before)
+    assert loss_mod.last_backend is None
+
+
+@pytest.mark.parametrize("kwargs,name,exc", [
+    (dict(ncrops=1), "ncrops", ValueError),
+    (dict(ncrops=2.0), "ncrops", TypeError),
+    (dict(out_dim=0), "out_dim", ValueError),
+    (dict(teacher_temp=0.0), "teacher_temp", ValueError),
+    (dict(warmup_teacher_temp=-0.04), "warmup_teacher_temp", ValueError),
+    (dict(student_temp=0), "student_temp", ValueError),
+    (dict(student_temp=float("nan")), "student_temp", ValueError),
+    (dict(center_momentum=1.5), "center_momentum", ValueError),
+    (dict(center_momentum=-0.1), "center_momentum", ValueError),
+    (dict(warmup_teacher_temp_epochs=11), "warmup_teacher_temp_epochs", ValueError),
+    (dict(nepochs=0), "nepochs", ValueError),
+    (dict(backend="cuda"), "backend", ValueError),
+])
+def test_bad_constructor_argument_raises_naming_it(kwargs, name, exc):
+    args = dict(out_dim=16, ncrops=4, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                warmup_teacher_temp_epochs=3, nepochs=10)
+    args.update(kwargs)
+    with pytest.raises(exc, match=name):
+        DINOLoss(**args)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    loss_mod = DINOLoss(16, 4, 0.04, 0.07, 3, 10, backend="triton")
+    before = loss_mod.center.clone()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        loss_mod(torch.randn(8, 16), torch.randn(4, 16), 0)
+    assert torch.equal(loss_mod.center, before)
+
+
+def test_auto_backend_picks_eager_on_cpu():
+    loss_mod = DINOLoss(16, 4, 0.04, 0.07, 3, 10)
+    loss_mod(torch.randn(8, 16), torch.randn(4, 16), 0)
+    assert loss_mod.last_backend == "eager"
+
+
+# ---------------------------------------------------------------- distributed center
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _center_worker(rank, world, port, student, teacher, async_center, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ncrops, B = 4, teacher.shape[0] // 2 // world
+        K = teacher.shape[1]
+        # each rank holds its own slice of every crop (crop-major within the rank)
+        s_local = student.view(ncrops, world, B, K)[:, rank].reshape(ncrops * B, K)
+        t_local = teacher.view(2, world, B, K)[:, rank].reshape(2 * B, K)
+        loss_mod = DINOLoss(K, ncrops, 0.04, 0.07, 3, 10, backend="eager",
+                            async_center=async_center)
+        loss_mod(s_local, t_local, 0)
+        loss_mod(s_local, t_local, 1)
+        loss_mod.synchronize_center()
+        torch.save(loss_mod.center, f"{result_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("async_center", [False, True])
+def test_two_process_gloo_center_equals_single_process_center(tmp_path, async_center):
+    world, ncrops, B, K = 2, 4, 3, 20
+    student = torch.randn(ncrops * world * B, K)
+    teacher = torch.randn(2 * world * B, K)
+    result = str(tmp_path / "center")
+    mp.spawn(_center_worker, args=(world, _free_port(), student, teacher, async_center, result),
+             nprocs=world, join=True)
+    single = DINOLoss(K, ncrops, 0.04, 0.07, 3, 10, backend="eager")
+    single(student, teacher, 0)
+    single(student, teacher, 1)
+    for rank in range(world):
+        torch.testing.assert_close(torch.load(f"{result}.{rank}"), single.center,
+                                   rtol=1e-6, atol=1e-7)
