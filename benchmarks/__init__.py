@@ -1,0 +1,1 @@
+"""pytest-benchmark suite of dino_fast: `pytest benchmarks --benchmark-only`."""
