@@ -27,6 +27,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
         "pillow",
+        "matplotlib",  # the PNG pictures: training curves, attention maps, benchmark charts
     ],
     extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4"]},
 )
