@@ -1,0 +1,71 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from dino_fast.checkpoint import (atomic_torch_save, load_checkpoint, restore_training_state,
+                                  training_state, unwrap_model)
+from dino_fast.loss import DINOLoss
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full")  # a failure in the middle of writing
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact_and_no_temporary_file(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_torch_save({"epoch": 2, "w": torch.zeros(3), "bad": _Unpicklable()}, path)
+    assert torch.load(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+def _objects(seed):
+    torch.manual_seed(seed)
+    student, teacher = nn.Linear(3, 4), nn.Linear(3, 4)
+    opt = torch.optim.AdamW(student.parameters(), lr=0.1)
+    loss = DINOLoss(4, 2, 0.04, 0.04, 0, 2)
+    student(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    loss.center.normal_()
+    return student, teacher, opt, loss
+
+
+def test_training_state_round_trips_through_a_file(tmp_path):
+    student, teacher, opt, loss = _objects(0)
+    state = training_state(epoch=3, student=student, teacher=teacher, optimizer=opt,
+                           dino_loss=loss, scaler=None, args={"lr": 0.1})
+    atomic_torch_save(state, tmp_path / "c.pth")
+    ckpt = load_checkpoint(tmp_path / "c.pth")  # weights_only: plain tensors and scalars
+    s2, t2, o2, l2 = _objects(1)
+    assert restore_training_state(ckpt, student=s2, teacher=t2, optimizer=o2, dino_loss=l2,
+                                  scaler=None) == 3
+    for a, b in [(student, s2), (teacher, t2)]:
+        for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+            assert torch.equal(pa, pb)
+    assert torch.equal(loss.center, l2.center)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], o2.state_dict()["state"][0]["exp_avg"])
+    assert ckpt["args"] == {"lr": 0.1}
+
+
+def test_missing_or_foreign_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pth")
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a dino_fast training checkpoint"):
+        load_checkpoint(tmp_path / "other.pth")
+
+
+def test_unwrap_model_removes_compile_wrappers():
+    inner = nn.Linear(2, 2)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._orig_mod = inner
+
+    assert unwrap_model(Wrapped()) is inner
+    assert unwrap_model(inner) is inner
