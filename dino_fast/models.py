@@ -1,0 +1,311 @@
+"""Backbones and wrappers: timm Vision Transformers with the official DINO settings, the multi-crop
+wrapper, `torch.compile` of the backbone, last-block attention maps and official checkpoints.
+
+The timm `VisionTransformer` has the same parameter names as the official DINO ViT
+(`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.i.{norm1,attn.qkv,attn.proj,norm2,
+mlp.fc1,mlp.fc2}.*`, `norm.*`), so official checkpoints load without renaming. Differences from
+the official ViT, none of which changes a key: the position embeddings of another resolution are
+resampled by timm (bicubic, antialiased when shrinking) instead of the official bicubic
+`scale_factor` interpolation, and the attention runs fused (scaled_dot_product_attention).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from functools import partial
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+# (embed_dim, depth, num_heads) of the official DINO ViTs; mlp_ratio 4, qkv_bias, LayerNorm eps 1e-6
+VIT_ARCHS = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+# Arguments build_vit fixes because the rest of the library relies on them: the CLS token is the
+# output feature (B, embed_dim) and any crop size runs (position embeddings resampled).
+_FIXED_VIT_ARGS = {"num_classes": 0, "global_pool": "token", "class_token": True,
+                   "dynamic_img_size": True}
+
+
+def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
+              drop_path_rate: float = 0.0, **overrides) -> nn.Module:
+    """A timm VisionTransformer with the official DINO settings, randomly initialised.
+
+    arch: "vit_tiny" | "vit_small" | "vit_base" (the official names; 192/384/768 wide, 12 deep).
+    patch_size: 16 or 8 as the official models, or any size dividing img_size (e.g. 4 for 32 px).
+    img_size: the resolution the position embeddings are stored at (the global crop size); other
+        sizes (the local crops) resample them on the fly (timm `dynamic_img_size`).
+    drop_path_rate: stochastic depth, linearly increasing over the blocks (0.1 for the student).
+    overrides: other VisionTransformer arguments, e.g. depth=2, embed_dim=64, num_heads=2 for a
+        quick CPU model, or reg_tokens=4. num_classes, global_pool, class_token and
+        dynamic_img_size are fixed, and nothing is ever downloaded (no `pretrained`; use
+        `load_official_checkpoint`).
+
+    forward(images (B, 3, H, W)) -> (B, embed_dim), the final-norm CLS token. The module exposes
+    `.embed_dim`, `.num_prefix_tokens` (CLS + registers) and `.patch_embed.patch_size`.
+    Initialisation as the official ViT: truncated-normal (std 0.02) Linear weights, pos_embed
+    and cls_token, zero biases, LayerNorm 1/0.
+    """
+    from timm.layers import LayerNorm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if arch not in VIT_ARCHS:
+        raise ValueError(f"arch must be one of {sorted(VIT_ARCHS)}, got {arch!r}")
+    for name, value in (("patch_size", patch_size), ("img_size", img_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if img_size % patch_size:
+        raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
+    if not 0.0 <= float(drop_path_rate) < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+    if "pretrained" in overrides:
+        raise ValueError("build_vit never downloads weights (no `pretrained`); build the model and "
+                         "call dino_fast.models.load_official_checkpoint(model, path) instead")
+    fixed = sorted(set(overrides) & set(_FIXED_VIT_ARGS))
+    if fixed:
+        raise ValueError(f"build_vit fixes {fixed} (the CLS token is the output feature and any "
+                         f"crop size runs); got overrides {fixed}")
+    embed_dim, depth, num_heads = VIT_ARCHS[arch]
+    kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                  num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
+                  norm_layer=partial(LayerNorm, eps=1e-6), drop_path_rate=float(drop_path_rate))
+    kwargs.update(overrides)
+    kwargs.update(_FIXED_VIT_ARGS)
+    if kwargs["embed_dim"] % kwargs["num_heads"]:
+        raise ValueError(f"embed_dim={kwargs['embed_dim']} must be a multiple of "
+                         f"num_heads={kwargs['num_heads']}")
+    vit = VisionTransformer(**kwargs)
+    # timm initialises the CLS token with std 1e-6; the official ViT uses the truncated normal
+    nn.init.trunc_normal_(vit.cls_token, std=0.02)
+    return vit
+
+
+def _unwrap_vit(vit: nn.Module) -> nn.Module:
+    """The timm VisionTransformer inside a MultiCropWrapper or a torch.compile wrapper."""
+    if isinstance(vit, MultiCropWrapper):
+        vit = vit.backbone
+    vit = getattr(vit, "_orig_mod", vit)  # torch.compile(module) wraps; module.compile() does not
+    for attr in ("patch_embed", "_pos_embed", "blocks", "num_prefix_tokens"):
+        if not hasattr(vit, attr):
+            raise TypeError(f"expected a timm VisionTransformer (as build_vit returns), got "
+                            f"{type(vit).__name__} without `{attr}`")
+    if getattr(vit, "cls_token", None) is None:
+        raise ValueError("the ViT has no CLS token, so it has no CLS attention map")
+    return vit
+
+
+def last_selfattention(vit: nn.Module, images: torch.Tensor
+                       ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Softmax attention of the CLS token to every patch, per head, in the last block.
+
+    vit: a ViT from `build_vit` (or a MultiCropWrapper around one, compiled or not).
+    images: (B, 3, H, W), H and W multiples of the patch size.
+    Returns (attn, (h, w)): attn (B, num_heads, h*w) in the compute dtype, patches in row-major
+    order, so `attn.reshape(B, num_heads, h, w)` is the map. The softmax runs over all tokens
+    (CLS, registers, patches) as in the forward pass and only the patch columns are returned,
+    so each row sums to at most 1 (the rest is the CLS and register tokens' share).
+
+    Fused attention never forms the probabilities, so the blocks before the last run as usual and
+    the last block's q (CLS row only) and k are recomputed explicitly. Runs in the current grad
+    mode and train/eval mode: wrap in torch.no_grad() and call vit.eval() for visualisation.
+    """
+    vit = _unwrap_vit(vit)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got "
+                         f"{getattr(images, 'shape', type(images).__name__)}")
+    x = vit.patch_embed(images)
+    grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(vit.patch_embed.grid_size)  # NHWC
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+    for blk in vit.blocks[:-1]:
+        x = blk(x)
+    last = vit.blocks[-1]
+    attn = last.attn
+    y = last.norm1(x)
+    B, N, _ = y.shape
+    H, Dh = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(y).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+    q = attn.q_norm(qkv[0, :, :, :1])  # the CLS query only; it is token 0
+    k = attn.k_norm(qkv[1])
+    probs = torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)  # (B, H, 1, N)
+    return probs[:, :, 0, vit.num_prefix_tokens:], (int(grid[0]), int(grid[1]))
+
+
+class MultiCropWrapper(nn.Module):
+    """backbone + head over a list of crop batches of different resolutions (official wrapper).
+
+    forward(crops): crops is a list of (B, 3, h_v, w_v) tensors, crop-major (crops 0 and 1 the
+    global ones); a single tensor is treated as a one-element list. The backbone runs once per
+    run of consecutive crops with the same (h, w) on their concatenation, the features are
+    concatenated and the head runs once. Returns (sum_v B, out_dim) with rows v*B..(v+1)*B-1 for
+    crop v: the loss's crop-major layout. A backbone returning a tuple contributes its first item.
+
+    As the official wrapper, a Linear `fc` or `head` attribute of the backbone (a classifier) is
+    replaced by nn.Identity, so the backbone outputs features.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        for name in ("fc", "head"):
+            if isinstance(getattr(backbone, name, None), nn.Linear):
+                setattr(backbone, name, nn.Identity())
+        self.backbone = backbone
+        self.head = head
+
+    @staticmethod
+    def _check_crops(x) -> list:
+        if isinstance(x, torch.Tensor):
+            x = [x]
+        if not isinstance(x, (list, tuple)) or len(x) == 0:
+            raise TypeError(f"MultiCropWrapper expects a tensor or a non-empty list of crop "
+                            f"batches, got {type(x).__name__}")
+        for v, crop in enumerate(x):
+            if not isinstance(crop, torch.Tensor) or crop.dim() != 4:
+                raise ValueError(f"crop {v} must be a (B, C, H, W) tensor, got "
+                                 f"{getattr(crop, 'shape', type(crop).__name__)}")
+        return list(x)
+
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+        crops = self._check_crops(x)
+        features = []
+        start = 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            batch = crops[start] if end - start == 1 else torch.cat(crops[start:end])
+            out = self.backbone(batch)
+            features.append(out[0] if isinstance(out, tuple) else out)
+            start = end
+        return self.head(features[0] if len(features) == 1 else torch.cat(features))
+
+
+def compile_backbone(module: nn.Module, **compile_kwargs) -> nn.Module:
+    """Compile the backbone in place with torch.compile; returns `module`.
+
+    module: a MultiCropWrapper (its backbone is compiled, the head and the crop loop stay eager)
+    or a backbone. Compilation uses `nn.Module.compile`, so parameter names and the state dict
+    are unchanged (no `_orig_mod.` prefix) and the EMA and checkpoints see the same keys.
+    compile_kwargs go to torch.compile; `dynamic` defaults to False: each crop resolution gets
+    its own static graph (two for the student, one for the teacher), and later steps with the
+    same shapes reuse them. A new batch size (keep drop_last=True) or a train/eval switch
+    compiles another graph; for evaluation at other batch sizes call `backbone.forward(x)`,
+    which bypasses the compiled call.
+    """
+    target = module.backbone if isinstance(module, MultiCropWrapper) else module
+    compile_kwargs.setdefault("dynamic", False)
+    target.compile(**compile_kwargs)
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# Official checkpoints
+# --------------------------------------------------------------------------------------------
+
+# Entries of an official training checkpoint (main_dino.py's checkpoint.pth) that hold weights,
+# in the order they are tried when no key is given (the official evaluation default: teacher).
+_CHECKPOINT_ENTRIES = ("teacher", "student", "state_dict", "model")
+
+
+def _read_checkpoint(state_dict_or_path) -> tuple[Mapping, str]:
+    if isinstance(state_dict_or_path, Mapping):
+        return state_dict_or_path, "the given state dict"
+    if not isinstance(state_dict_or_path, (str, os.PathLike)):
+        raise TypeError(f"state_dict_or_path must be a mapping or a path, got "
+                        f"{type(state_dict_or_path).__name__}")
+    path = os.fspath(state_dict_or_path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # weights_only: no arbitrary code from a file; official checkpoints also hold the argparse
+    # Namespace of the run under "args"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
+    return ckpt, f"checkpoint {path}"
+
+
+def _is_state_dict(d: Mapping) -> bool:
+    return len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _strip(key: str) -> str:
+    """Drop the DistributedDataParallel `module.` and torch.compile `_orig_mod.` prefixes."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key.replace("._orig_mod.", ".")
+
+
+def load_official_checkpoint(module: nn.Module, state_dict_or_path, key: Optional[str] = None,
+                             strict: bool = True):
+    """Load an official DINO checkpoint (or a state dict in its key format) into `module`.
+
+    module: a backbone from `build_vit`, a `DINOHead`, or a `MultiCropWrapper` of both.
+    state_dict_or_path: a state dict, a whole checkpoint dict, or a path to either (loaded with
+        torch.load(weights_only=True) on CPU).
+    key: the checkpoint entry to load ("teacher" or "student" in main_dino.py's checkpoints);
+        by default the first of teacher, student, state_dict, model that exists, or the dict
+        itself when it is already a state dict (the released backbone weights).
+    strict: as nn.Module.load_state_dict, for the keys of `module`.
+
+    Keys lose their `module.` (DDP) prefixes; then the checkpoint's sub-tree that matches the
+    module is taken: the whole dict for a wrapper, `backbone.*` for a backbone (the head keys are
+    left out, as the official evaluation does), `head.*` for a head. A `pos_embed` stored at
+    another grid size is resampled to the module's. Returns load_state_dict's result
+    (missing_keys, unexpected_keys).
+    """
+    ckpt, source = _read_checkpoint(state_dict_or_path)
+    if key is not None:
+        if key not in ckpt:
+            raise KeyError(f"{source} has no entry {key!r}; its entries are {sorted(ckpt)[:20]}")
+        state = ckpt[key]
+        source = f"{source}[{key!r}]"
+    elif _is_state_dict(ckpt):
+        state = ckpt
+    else:
+        found = [k for k in _CHECKPOINT_ENTRIES if isinstance(ckpt.get(k), Mapping)]
+        if not found:
+            raise ValueError(f"{source} is neither a state dict nor a checkpoint with one of the "
+                             f"entries {list(_CHECKPOINT_ENTRIES)}; its entries are "
+                             f"{sorted(ckpt)[:20]}; pass key=...")
+        state = ckpt[found[0]]
+        source = f"{source}[{found[0]!r}]"
+    if not isinstance(state, Mapping) or not _is_state_dict(state):
+        raise ValueError(f"{source} is not a state dict (a non-empty mapping of tensors)")
+    state = {_strip(k): v for k, v in state.items()}
+
+    target = getattr(module, "_orig_mod", module)
+    wanted = set(target.state_dict())
+    best, best_overlap = None, 0
+    for prefix in ("", "backbone.", "head."):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        overlap = len(wanted & set(sub))
+        if overlap > best_overlap:
+            best, best_overlap = sub, overlap
+    if best is None:
+        raise ValueError(f"no key of {source} matches {type(target).__name__}: the checkpoint "
+                         f"has keys like {sorted(state)[:3]}, the module expects keys like "
+                         f"{sorted(wanted)[:3]}")
+    _resample_pos_embed(target, best)
+    try:
+        return target.load_state_dict(best, strict=strict)
+    except RuntimeError as exc:
+        raise RuntimeError(f"loading {source} into {type(target).__name__}: {exc}") from exc
+
+
+def _resample_pos_embed(target: nn.Module, state: dict) -> None:
+    """Resample a checkpoint's `pos_embed` (1, prefix + h*w, D) to the module's grid, in place."""
+    own = getattr(target, "pos_embed", None)
+    theirs = state.get("pos_embed")
+    if not isinstance(own, torch.Tensor) or theirs is None or theirs.shape == own.shape:
+        return
+    if theirs.dim() != 3 or theirs.shape[-1] != own.shape[-1]:
+        return  # let load_state_dict report the mismatch
+    from timm.layers import resample_abs_pos_embed
+    prefix = 0 if getattr(target, "no_embed_class", False) else target.num_prefix_tokens
+    state["pos_embed"] = resample_abs_pos_embed(
+        theirs, new_size=list(target.patch_embed.grid_size), num_prefix_tokens=prefix)

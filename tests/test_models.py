@@ -1,0 +1,433 @@
+"""Models: the official ViT shapes, the DINO head against the official construction, the multi-crop
+wrapper, last-block attention, official checkpoints, and torch.compile (graph counts)."""
+import argparse
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dino_fast.head import DINOHead, WeightNormLinear
+from dino_fast.models import (MultiCropWrapper, build_vit, compile_backbone, last_selfattention,
+                              load_official_checkpoint)
+
+
+def tiny_vit(**kw):
+    args = dict(patch_size=4, img_size=16, depth=2, embed_dim=32, num_heads=2)
+    args.update(kw)
+    return build_vit("vit_tiny", **args)
+
+
+def official_vit_param_count(embed_dim, depth, patch_size, img_size):
+    """Parameters of the official DINO ViT, counted from its definition."""
+    D, n_patches = embed_dim, (img_size // patch_size) ** 2
+    block = 12 * D * D + 13 * D  # norm1, qkv (bias), proj, norm2, fc1 (4D), fc2
+    return 3 * patch_size ** 2 * D + D + D + (n_patches + 1) * D + depth * block + 2 * D
+
+
+# ------------------------------------------------------------------------------------ backbone
+
+@pytest.mark.parametrize("arch,dims", [("vit_tiny", (192, 3)), ("vit_small", (384, 6)),
+                                       ("vit_base", (768, 12))])
+@pytest.mark.parametrize("patch_size", [16, 8])
+def test_build_vit_has_the_official_architecture(arch, dims, patch_size):
+    vit = build_vit(arch, patch_size=patch_size, device="meta")  # structure only, no memory
+    embed_dim, heads = dims
+    assert vit.embed_dim == embed_dim
+    assert len(vit.blocks) == 12
+    assert vit.blocks[0].attn.num_heads == heads
+    assert vit.blocks[0].attn.qkv.bias is not None
+    assert vit.blocks[0].mlp.fc1.out_features == 4 * embed_dim
+    assert vit.norm.eps == 1e-6 and vit.blocks[-1].norm1.eps == 1e-6
+    assert vit.patch_embed.patch_size == (patch_size, patch_size)
+    assert sum(p.numel() for p in vit.parameters()) == \
+        official_vit_param_count(embed_dim, 12, patch_size, 224)
+
+
+def test_vit_outputs_the_cls_feature_at_global_and_local_resolutions():
+    vit = tiny_vit().eval()
+    for size in (16, 8, 12):  # 12: a grid (3x3) the position embeddings were not stored at
+        out = vit(torch.randn(3, 3, size, size))
+        assert out.shape == (3, 32) and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+    # the CLS token after the final norm, not a pooled average
+    x = torch.randn(2, 3, 16, 16)
+    tokens = vit.forward_features(x)
+    torch.testing.assert_close(vit(x), tokens[:, 0])
+
+
+def test_vit_drop_path_rate_reaches_the_blocks_and_is_random_only_in_training():
+    vit = tiny_vit(depth=3, drop_path_rate=0.2)
+    rates = [blk.drop_path1.drop_prob if hasattr(blk.drop_path1, "drop_prob") else 0.0
+             for blk in vit.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+    x = torch.randn(4, 3, 16, 16)
+    vit.eval()
+    torch.testing.assert_close(vit(x), vit(x))
+    vit.train()
+    torch.manual_seed(1)
+    a = vit(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, vit(x))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(arch="vit_huge"), "arch must be one of"),
+    (dict(pretrained=True), "never downloads"),
+    (dict(num_classes=10), "fixes"),
+    (dict(img_size=30, patch_size=4), "multiple of patch_size"),
+    (dict(embed_dim=30, num_heads=4), "multiple of num_heads"),
+    (dict(drop_path_rate=1.5), "drop_path_rate"),
+])
+def test_build_vit_rejects_bad_arguments(kwargs, match):
+    args = dict(arch="vit_tiny", patch_size=4, img_size=16, depth=1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        build_vit(**args)
+
+
+# ------------------------------------------------------------------------------------ head
+
+def official_head(in_dim, out_dim, use_bn, norm_last_layer, nlayers, hidden_dim, bottleneck_dim):
+    """The official DINOHead construction, with the deprecated torch weight_norm helper."""
+    nlayers = max(nlayers, 1)
+    if nlayers == 1:
+        mlp = nn.Linear(in_dim, bottleneck_dim)
+    else:
+        layers = [nn.Linear(in_dim, hidden_dim)]
+        if use_bn:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers.append(nn.GELU())
+        for _ in range(nlayers - 2):
+            layers.append(nn.Linear(hidden_dim, hidden_dim))
+            if use_bn:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.GELU())
+        layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        mlp = nn.Sequential(*layers)
+    head = nn.Module()
+    head.mlp = mlp
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=.02)
+            nn.init.constant_(m.bias, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        head.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+    head.last_layer.weight_g.data.fill_(1)
+    if norm_last_layer:
+        head.last_layer.weight_g.requires_grad = False
+    head.forward = lambda x: head.last_layer(F.normalize(head.mlp(x), dim=-1, p=2))
+    return head
+
+
+@pytest.mark.parametrize("use_bn,norm_last_layer,nlayers", [
+    (False, True, 3), (True, False, 3), (False, True, 1), (True, True, 4)])
+def test_head_matches_the_official_construction_weights_outputs_and_gradients(
+        use_bn, norm_last_layer, nlayers):
+    args = (12, 37, use_bn, norm_last_layer, nlayers, 24, 8)
+    torch.manual_seed(5)
+    ref = official_head(*args)
+    torch.manual_seed(5)
+    ours = DINOHead(*args)
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert list(our_sd) == list(ref_sd)
+    for k in ref_sd:
+        torch.testing.assert_close(our_sd[k], ref_sd[k], rtol=0, atol=0, msg=k)
+    assert our_sd["last_layer.weight_g"].shape == (37, 1)
+    assert our_sd["last_layer.weight_v"].shape == (37, 8)
+    assert torch.equal(our_sd["last_layer.weight_g"], torch.ones(37, 1))
+    assert ours.last_layer.weight_g.requires_grad == (not norm_last_layer)
+
+    # fp64: with BatchNorm some gradients are exactly zero in theory, rounding noise in fp32
+    x = torch.randn(6, 12, dtype=torch.float64)
+    ref.double().train(), ours.double().train()
+    out_ref, out = ref(x), ours(x)
+    torch.testing.assert_close(out, out_ref)
+    out_ref.pow(2).sum().backward()
+    out.pow(2).sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-9, atol=1e-9,
+                                       msg=name)
+
+
+def test_head_logits_are_cosines_when_the_last_layer_is_normalised():
+    head = DINOHead(16, 50, hidden_dim=32, bottleneck_dim=8)
+    out = head(torch.randn(20, 16) * 100)
+    assert out.shape == (20, 50)
+    assert out.abs().max() <= 1 + 1e-5
+    # each row of the effective weight has unit norm, so the logit of a bottleneck vector equal
+    # to a weight row's direction is exactly 1
+    w = head.last_layer.weight
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(50))
+
+
+def test_weight_norm_linear_tracks_g_and_v():
+    layer = WeightNormLinear(4, 3)
+    with torch.no_grad():
+        layer.weight_v.copy_(torch.tensor([[3.0, 4, 0, 0], [0, 0, 1, 0], [1, 1, 1, 1]]))
+        layer.weight_g.copy_(torch.tensor([[10.0], [2.0], [1.0]]))
+    expected = torch.tensor([[6.0, 8, 0, 0], [0, 0, 2, 0], [0.5, 0.5, 0.5, 0.5]])
+    torch.testing.assert_close(layer.weight, expected)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(layer(x), x @ expected.T)
+
+
+@pytest.mark.parametrize("kwargs", [dict(in_dim=0, out_dim=4), dict(in_dim=4, out_dim=4, nlayers=0),
+                                    dict(in_dim=4, out_dim=2.5)])
+def test_head_rejects_bad_sizes(kwargs):
+    with pytest.raises((ValueError, TypeError)):
+        DINOHead(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ wrapper
+
+class RecordingBackbone(nn.Module):
+    """Per-sample features (mean over pixels, times the width) and a log of the batch shapes."""
+
+    def __init__(self, as_tuple=False):
+        super().__init__()
+        self.calls = []
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.as_tuple = as_tuple
+
+    def forward(self, x):
+        self.calls.append(tuple(x.shape))
+        out = x.mean(dim=(2, 3)) * self.scale * x.shape[-1]
+        return (out, "extra") if self.as_tuple else out
+
+
+def test_wrapper_runs_the_backbone_once_per_run_of_equal_resolutions_in_crop_major_order():
+    backbone = RecordingBackbone()
+    head = nn.Linear(3, 5)
+    wrapper = MultiCropWrapper(backbone, head)
+    B = 4
+    crops = [torch.randn(B, 3, 8, 8), torch.randn(B, 3, 8, 8), torch.randn(B, 3, 4, 4),
+             torch.randn(B, 3, 4, 4), torch.randn(B, 3, 4, 4), torch.randn(B, 3, 8, 8)]
+    out = wrapper(crops)
+    assert backbone.calls == [(2 * B, 3, 8, 8), (3 * B, 3, 4, 4), (B, 3, 8, 8)]
+    assert out.shape == (6 * B, 5)
+    expected = head(torch.cat([c.mean(dim=(2, 3)) * 2 * c.shape[-1] for c in crops]))
+    torch.testing.assert_close(out, expected)
+
+
+def test_wrapper_treats_a_tensor_as_one_crop_and_takes_the_first_item_of_a_tuple():
+    backbone = RecordingBackbone(as_tuple=True)
+    wrapper = MultiCropWrapper(backbone, nn.Identity())
+    x = torch.randn(3, 3, 8, 8)
+    out = wrapper(x)
+    assert backbone.calls == [(3, 3, 8, 8)]
+    torch.testing.assert_close(out, x.mean(dim=(2, 3)) * 16)
+
+
+def test_wrapper_strips_a_classifier_as_the_official_wrapper():
+    backbone = nn.Module()
+    backbone.head = nn.Linear(4, 10)
+    backbone.fc = nn.Linear(4, 10)
+    MultiCropWrapper(backbone, nn.Identity())
+    assert isinstance(backbone.head, nn.Identity) and isinstance(backbone.fc, nn.Identity)
+
+
+@pytest.mark.parametrize("crops", [[], "images", [torch.randn(2, 3, 8)]])
+def test_wrapper_rejects_bad_crop_lists(crops):
+    with pytest.raises((TypeError, ValueError)):
+        MultiCropWrapper(RecordingBackbone(), nn.Identity())(crops)
+
+
+def test_vit_wrapper_and_head_give_one_row_per_crop_sample():
+    vit = tiny_vit().eval()
+    wrapper = MultiCropWrapper(vit, DINOHead(32, 64, hidden_dim=32, bottleneck_dim=16))
+    crops = [torch.randn(3, 3, 16, 16) for _ in range(2)] + [torch.randn(3, 3, 8, 8)
+                                                               for _ in range(4)]
+    out = wrapper(crops)
+    assert out.shape == (6 * 3, 64) and out.dtype == torch.float32
+    # row block v is crop v: the teacher (global crops only) gives the first 2B rows
+    torch.testing.assert_close(wrapper(crops[:2]), out[:6], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wrapper(crops[4]), out[12:15], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ attention
+
+def reference_attention(vit, images):
+    """(B, H, N, N) softmax attention of the last block, via torch's multi-head attention."""
+    captured = {}
+    handle = vit.blocks[-1].norm1.register_forward_hook(
+        lambda m, i, o: captured.setdefault("y", o))
+    vit(images)
+    handle.remove()
+    y = captured["y"].transpose(0, 1)  # (N, B, D)
+    attn = vit.blocks[-1].attn
+    _, weights = F.multi_head_attention_forward(
+        y, y, y, vit.embed_dim, attn.num_heads, attn.qkv.weight, attn.qkv.bias, None, None,
+        False, 0.0, attn.proj.weight, attn.proj.bias, training=False, need_weights=True,
+        average_attn_weights=False)
+    return weights
+
+
+@pytest.mark.parametrize("reg_tokens,size", [(0, 16), (0, 12), (3, 8)])
+def test_last_selfattention_is_the_cls_row_of_the_last_block_over_patches(reg_tokens, size):
+    vit = tiny_vit(reg_tokens=reg_tokens).eval()
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        attn, grid = last_selfattention(vit, images)
+        ref = reference_attention(vit, images)
+    prefix = 1 + reg_tokens
+    assert grid == (size // 4, size // 4)
+    assert attn.shape == (2, 2, grid[0] * grid[1])
+    torch.testing.assert_close(attn, ref[:, :, 0, prefix:], rtol=1e-5, atol=1e-6)
+    sums = attn.sum(-1)
+    assert (sums <= 1 + 1e-6).all() and (sums < 1).all()  # CLS and registers take the rest
+    torch.testing.assert_close(sums + ref[:, :, 0, :prefix].sum(-1), torch.ones(2, 2))
+    assert attn.reshape(2, 2, *grid).shape == (2, 2, size // 4, size // 4)
+
+
+def test_last_selfattention_accepts_a_wrapper_and_rejects_other_modules():
+    vit = tiny_vit().eval()
+    images = torch.randn(1, 3, 16, 16)
+    wrapper = MultiCropWrapper(vit, nn.Identity())
+    torch.testing.assert_close(last_selfattention(wrapper, images)[0],
+                               last_selfattention(vit, images)[0])
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        last_selfattention(nn.Linear(3, 3), images)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def official_checkpoint(student, teacher):
+    """A main_dino.py checkpoint: DDP student (`module.` keys), plain teacher, args, optimizer."""
+    return {
+        "student": {f"module.{k}": v.clone() for k, v in student.state_dict().items()},
+        "teacher": {k: v.clone() for k, v in teacher.state_dict().items()},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+        "epoch": 3,
+        "args": argparse.Namespace(arch="vit_tiny", patch_size=4, out_dim=64),
+        "dino_loss": {"center": torch.zeros(1, 64)},
+    }
+
+
+def make_pair(seed):
+    torch.manual_seed(seed)
+    head_args = dict(hidden_dim=32, bottleneck_dim=16)
+    student = MultiCropWrapper(tiny_vit(depth=1), DINOHead(32, 64, **head_args))
+    teacher = MultiCropWrapper(tiny_vit(depth=1), DINOHead(32, 64, **head_args))
+    return student, teacher
+
+
+def test_our_keys_are_the_official_keys():
+    student, _ = make_pair(0)
+    official = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                "norm.weight", "norm.bias"}
+    for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+        official |= {f"blocks.0.{part}.weight", f"blocks.0.{part}.bias"}
+    official = {f"backbone.{k}" for k in official}
+    official |= {f"head.mlp.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")}
+    official |= {"head.last_layer.weight_g", "head.last_layer.weight_v"}
+    assert set(student.state_dict()) == official
+
+
+def test_official_checkpoint_round_trip_into_wrapper_backbone_and_head(tmp_path):
+    student, teacher = make_pair(0)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(official_checkpoint(student, teacher), path)
+    assert "module.backbone.blocks.0.attn.qkv.weight" in torch.load(path, weights_only=False)[
+        "student"]
+
+    new_student, new_teacher = make_pair(1)
+    load_official_checkpoint(new_student, path, key="student")
+    load_official_checkpoint(new_teacher, path)  # default entry: the teacher
+    for new, old in ((new_student, student), (new_teacher, teacher)):
+        for (k, a), b in zip(new.state_dict().items(), old.state_dict().values()):
+            assert torch.equal(a, b), k
+
+    vit = tiny_vit(depth=1)
+    result = load_official_checkpoint(vit, path, key="student")  # head keys left out
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, student.backbone.blocks[0].attn.qkv.weight)
+    head = DINOHead(32, 64, hidden_dim=32, bottleneck_dim=16)
+    load_official_checkpoint(head, path, key="student")
+    assert torch.equal(head.last_layer.weight_v, student.head.last_layer.weight_v)
+    images = [torch.randn(2, 3, 16, 16)] * 2
+    student.eval(), new_student.eval()
+    torch.testing.assert_close(new_student(images), student(images))
+
+
+def test_released_backbone_weights_load_and_resample_pos_embed():
+    torch.manual_seed(0)
+    source = tiny_vit(depth=1)  # stored at 16 px: a 4x4 grid
+    released = {k: v.clone() for k, v in source.state_dict().items()}  # no prefix at all
+    target = tiny_vit(depth=1, img_size=32)  # an 8x8 grid
+    load_official_checkpoint(target, released)
+    assert target.pos_embed.shape == (1, 65, 32)
+    torch.testing.assert_close(target.pos_embed[:, 0], source.pos_embed[:, 0])  # CLS kept
+    assert torch.equal(target.blocks[0].mlp.fc2.weight, source.blocks[0].mlp.fc2.weight)
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    vit = tiny_vit(depth=1)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_official_checkpoint(vit, tmp_path / "missing.pth")
+    student, teacher = make_pair(0)
+    ckpt = official_checkpoint(student, teacher)
+    with pytest.raises(KeyError, match="'model_ema'"):
+        load_official_checkpoint(vit, ckpt, key="model_ema")
+    with pytest.raises(ValueError, match="no key"):
+        load_official_checkpoint(vit, {"something.else": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_official_checkpoint(tiny_vit(depth=1, embed_dim=64), ckpt)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_official_checkpoint(tiny_vit(depth=2), ckpt)  # a deeper model than the checkpoint
+
+
+# ------------------------------------------------------------------------------------ compile
+
+def test_compiled_student_matches_eager_with_one_graph_per_resolution():
+    """Inductor on CPU, tiny model: forward and gradients agree with eager over three steps with
+    two crop resolutions, and dynamo compiled exactly two frames (no recompilation)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = MultiCropWrapper(tiny_vit(depth=1), DINOHead(32, 16, hidden_dim=32, bottleneck_dim=8))
+    compiled = MultiCropWrapper(tiny_vit(depth=1), DINOHead(32, 16, hidden_dim=32,
+                                                            bottleneck_dim=8))
+    compiled.load_state_dict(eager.state_dict())
+    keys = list(compiled.state_dict())
+    counter = CompileCounterWithBackend("inductor")
+    assert compile_backbone(compiled, backend=counter) is compiled
+    assert list(compiled.state_dict()) == keys  # no `_orig_mod.` in the names
+    for step in range(3):
+        crops = [torch.randn(2, 3, 16, 16) for _ in range(2)] + [torch.randn(2, 3, 8, 8)
+                                                                  for _ in range(2)]
+        out_c, out_e = compiled(crops), eager(crops)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
+        out_c.square().sum().backward()
+        out_e.square().sum().backward()
+    grads = dict(eager.named_parameters())
+    for name, p in compiled.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert counter.frame_count == 2
+
+
+def test_compiled_teacher_on_global_crops_compiles_once():
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    teacher = MultiCropWrapper(tiny_vit(depth=1), nn.Identity())
+    counter = CompileCounter()
+    compile_backbone(teacher, backend=counter)
+    with torch.no_grad():
+        for _ in range(4):
+            out = teacher([torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)])
+    assert out.shape == (6, 32)
+    assert counter.frame_count == 1
+    # the eager escape hatch for other batch sizes does not compile
+    teacher.backbone.forward(torch.randn(5, 3, 16, 16))
+    assert counter.frame_count == 1
+    # static graphs (dynamic=False): every new batch size is its own graph, where automatic
+    # dynamic shapes would have reused one symbolic graph from the third size on
+    with torch.no_grad():
+        teacher([torch.randn(4, 3, 16, 16)])
+        teacher([torch.randn(7, 3, 16, 16)])
+    assert counter.frame_count == 3
