@@ -154,6 +154,20 @@ def test_bf16_teacher_is_rounded_once_from_fp32_math(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_equal_to_student_stays_put_as_momentum_nears_one(backend, device, dtype):
+    # The EMA of a constant is that constant. m*t + (1-m)*s with m and 1 - m each rounded to fp32
+    # scales t by m32 + w32 != 1 and drifts, by an ulp here and there, exactly where the schedule
+    # ends (m -> 1); the lerp form t + (1-m)*(s - t) does not.
+    _backend_available(backend, device)
+    s = torch.randn(20_000, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    t = s.clone()
+    for m in (0.996, 0.9999, 1 - 1e-7, 1 - 1.5 * 2**-24, 0.3):
+        ema_update_([t], [s], m, backend=backend)
+        assert_bit_identical([t], [s])
+
+
+@pytest.mark.parametrize("backend,device", PATHS)
 def test_update_bumps_teacher_version_counters(backend, device):
     # the Triton writes bypass autograd: the launcher must bump the counters itself, so a graph
     # that saved a teacher tensor refuses to backward through the modified value
