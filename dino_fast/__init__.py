@@ -2,9 +2,10 @@
 
 Public entry points:
     DINOLoss      drop-in replacement of the official training script's loss class.
+    dino_loss     the loss as a function (loss, teacher row sum), for users with their own center.
 """
 __version__ = "0.1.0"
 
-from dino_fast.loss import DINOLoss, dino_loss_eager
+from dino_fast.loss import DINOLoss, dino_loss, dino_loss_eager
 
-__all__ = ["DINOLoss", "dino_loss_eager", "__version__"]
+__all__ = ["DINOLoss", "dino_loss", "dino_loss_eager", "__version__"]

@@ -38,11 +38,18 @@ def _check_floating(t, name: str) -> None:
                         f"got dtype {t.dtype}")
 
 
-def check_loss_inputs(student_output, teacher_output, center, ncrops: int) -> tuple[int, int]:
+def check_loss_inputs(student_output, teacher_output, center, ncrops: int, *,
+                      student_temp=None, teacher_temp=None) -> tuple[int, int]:
     """Validate the loss inputs; return (B, K). Raises before anything is computed or written.
 
-    student_output: (ncrops*B, K), teacher_output: (2*B, K), center: (1, K) fp32.
+    student_output: (ncrops*B, K), teacher_output: (2*B, K), center: (1, K) fp32, ncrops >= 2;
+    the temperatures, when given, positive and finite (the module checks its own at construction).
     """
+    _check_int(ncrops, "ncrops", N_GLOBAL_CROPS)
+    if student_temp is not None:
+        _check_positive(student_temp, "student_temp")
+    if teacher_temp is not None:
+        _check_positive(teacher_temp, "teacher_temp")
     _check_floating(student_output, "student_output")
     _check_floating(teacher_output, "teacher_output")
     if student_output.dim() != 2:
@@ -88,15 +95,22 @@ def num_pairs(ncrops: int, n_global: int = N_GLOBAL_CROPS) -> int:
     return n_global * ncrops - n_global
 
 
+def _scaled_crop(crop: torch.Tensor, temp: float, out: torch.Tensor) -> torch.Tensor:
+    """out <- crop / temp, computed in out's dtype (bf16/fp16 crops are widened first)."""
+    if crop.dtype == out.dtype:
+        return torch.div(crop, temp, out=out)
+    return out.copy_(crop).div_(temp)
+
+
 class _DINOLossEager(torch.autograd.Function):
     """Eager loss with the closed-form gradient (see the module docstring), one crop at a time.
 
-    Forward: one log_softmax per student crop and the pair terms as dot products with the summed
-    teacher probabilities; backward: one softmax per crop written straight into the gradient.
-    Working crop by crop keeps every temporary at (B, K): the allocator reuses those blocks, where
-    a fresh (V*B, K) temporary costs a page fault per 4 KiB on every call (on CPU that, not the
-    arithmetic, dominated a vectorised version). Saves S (already alive) and the teacher
-    probabilities q (G*B*K floats); no pair ever has its own tensor.
+    Forward: one log_softmax per student crop and one dot product with the teacher probabilities
+    it is paired with (Q_v = sum_{i != v} q_i); backward: one softmax per crop, turned into the
+    gradient in one more pass. Every temporary is (B, K) and lives in two work buffers allocated
+    once per call and reused by every crop (out= variants): a fresh CPU allocation of that size
+    costs a page fault per 4 KiB on first touch, which took as long as the arithmetic. Saves S
+    (already alive) and the teacher probabilities q (G*B*K floats); no pair has its own tensor.
     """
 
     @staticmethod
@@ -105,15 +119,16 @@ class _DINOLossEager(torch.autograd.Function):
         B, K = student.shape[0] // V, student.shape[1]
         cdt = compute_dtype(student, teacher)
         q = torch.softmax((teacher.to(cdt) - center.to(cdt)) / teacher_temp, dim=-1).view(G, B, K)
-        qsum = q.sum(0).flatten()  # sum over the teacher crops, (B*K,)
+        pair_q = _paired_teacher_probs(q)
         crops = student.view(V, B, K)
-        # sum_{(i,v) in P} <q_i, -log p_v> = -sum_v <qsum, log p_v> + sum_{v<G} <q_v, log p_v>
+        y = torch.empty((B, K), dtype=cdt, device=student.device)
+        logp = torch.empty_like(y)
+        # sum_{(i,v) in P} <q_i, -log p_v> = -sum_v <Q_v, log p_v>
         total = torch.zeros((), dtype=cdt, device=student.device)
         for v in range(V):
-            logp = torch.log_softmax(torch.div(crops[v].to(cdt), student_temp), dim=-1).flatten()
-            total -= torch.dot(qsum, logp)
-            if v < G:
-                total += torch.dot(q[v].flatten(), logp)
+            torch.ops.aten._log_softmax.out(_scaled_crop(crops[v], student_temp, y), -1, False,
+                                            out=logp)
+            total -= torch.dot(pair_q[min(v, G)].flatten(), logp.flatten())
         loss = total / (num_pairs(V) * B)
         ctx.save_for_backward(student, q)
         ctx.ncrops, ctx.student_temp = V, student_temp
@@ -126,21 +141,28 @@ class _DINOLossEager(torch.autograd.Function):
         G, V, tau_s = N_GLOBAL_CROPS, ctx.ncrops, ctx.student_temp
         B, K = student.shape[0] // V, student.shape[1]
         # dL/dS_vb = (m_v p_vb - Q_vb) * scale,  scale = grad / (|P| B tau_s),
-        # Q_vb = qsum_b - [v < G] q_vb,  p_vb = softmax(S_vb / tau_s)
+        # Q_v = sum_{i != v} q_i,  p_vb = softmax(S_vb / tau_s)
         scale = grad_loss.to(q.dtype) / (num_pairs(V) * B * tau_s)
         m_global, m_local = crop_multiplicities(V)
-        neg_qsum = q.sum(0) * -scale
+        neg_q = [t * -scale for t in _paired_teacher_probs(q)]
         grad = torch.empty((V, B, K), dtype=student.dtype, device=student.device)
         crops = student.view(V, B, K)
+        y = torch.empty((B, K), dtype=q.dtype, device=student.device)
+        p = torch.empty_like(y)
         for v in range(V):
-            p = torch.softmax(torch.div(crops[v].to(q.dtype), tau_s), dim=-1)
-            neg_q = neg_qsum + q[v] * scale if v < G else neg_qsum
+            torch.ops.aten._softmax.out(_scaled_crop(crops[v], tau_s, y), -1, False, out=p)
             m = m_global if v < G else m_local
             if grad.dtype == p.dtype:  # write the gradient in one pass
-                torch.addcmul(neg_q, p, scale, value=m, out=grad[v])
+                torch.addcmul(neg_q[min(v, G)], p, scale, value=m, out=grad[v])
             else:
-                grad[v].copy_(torch.addcmul(neg_q, p, scale, value=m))
+                grad[v].copy_(torch.addcmul(neg_q[min(v, G)], p, scale, value=m, out=y))
         return grad.view(V * B, K), None, None, None, None, None
+
+
+def _paired_teacher_probs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three distinct Q_v = sum_{i != v} q_i, q of shape (2, B, K): Q_v is entry min(v, 2).
+    Crop 0 pairs with teacher crop 1 only, crop 1 with crop 0 only, a local crop with both."""
+    return q[1], q[0], q[0] + q[1]
 
 
 def dino_loss_eager(student_output: torch.Tensor, teacher_output: torch.Tensor,
@@ -152,12 +174,47 @@ def dino_loss_eager(student_output: torch.Tensor, teacher_output: torch.Tensor,
     teacher_row_sum: (K,) fp32, the sum of teacher_output over its rows, for the center update.
     The teacher gets no gradient. Inputs are validated (see `check_loss_inputs`).
     """
-    check_loss_inputs(student_output, teacher_output, center, ncrops)
+    check_loss_inputs(student_output, teacher_output, center, ncrops,
+                      student_temp=student_temp, teacher_temp=teacher_temp)
     teacher = teacher_output.detach()
     loss = _DINOLossEager.apply(student_output, teacher, center.detach(), ncrops,
                                 float(student_temp), float(teacher_temp))
     row_sum = torch.sum(teacher, dim=0, dtype=torch.float32)
     return loss, row_sum
+
+
+def _loss_path(backend: str):
+    """The functional loss of a resolved backend, "triton" or "eager"."""
+    if backend == "triton":
+        # imported on first use: kernel modules must be imported after TRITON_INTERPRET is set
+        from dino_fast.kernels.dino_loss import dino_loss_triton
+        return dino_loss_triton
+    return dino_loss_eager
+
+
+def select_loss_backend(backend: str, student_output: torch.Tensor,
+                        teacher_output: torch.Tensor, op: str = "dino_loss") -> str:
+    """"triton" or "eager" for these inputs (see dino_fast.backend). "auto" also sends fp64
+    inputs to the eager path: the kernels compute in fp32, fp64 asks for fp64 exactness."""
+    resolved = resolve_backend(backend, student_output.device, op)
+    if backend == "auto" and compute_dtype(student_output, teacher_output) == torch.float64:
+        return "eager"
+    return resolved
+
+
+def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
+              ncrops: int, student_temp: float, teacher_temp: float, *,
+              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Functional DINO loss, for users who keep their own center logic: (loss, teacher_row_sum).
+
+    Same inputs and outputs as `dino_loss_eager`; `backend` as in `DINOLoss` ("auto": the fused
+    Triton kernels on CUDA, the eager path on CPU and for fp64). The center is only read.
+    """
+    check_loss_inputs(student_output, teacher_output, center, ncrops,
+                      student_temp=student_temp, teacher_temp=teacher_temp)
+    backend = select_loss_backend(backend, student_output, teacher_output)
+    return _loss_path(backend)(student_output, teacher_output, center, ncrops, student_temp,
+                               teacher_temp)
 
 
 def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float,
@@ -192,8 +249,9 @@ class DINOLoss(nn.Module):
     fp32, `teacher_temp_schedule` numpy array and state_dict (`{'center': ...}`) as the official
     class. Extras, keyword-only:
 
-    backend: "auto" (Triton on CUDA, eager on CPU), "triton" or "eager". After each call,
-        `last_backend` says which ran.
+    backend: "auto" (Triton on CUDA, eager on CPU and for fp64 inputs, which the eager path
+        computes in fp64), "triton" (fp64 inputs then computed in fp32) or "eager". After each
+        call, `last_backend` says which ran.
     async_center: launch the center's all-reduce asynchronously and wait for it at the next use
         of the center (next forward, state_dict, or `synchronize_center()`), as DINOv2 does.
 
@@ -254,15 +312,10 @@ class DINOLoss(nn.Module):
         epoch = self._check_epoch(epoch)
         check_loss_inputs(student_output, teacher_output, self.center, self.ncrops)
         self.synchronize_center()
-        backend = resolve_backend(self.backend, student_output.device, "DINOLoss")
-        temp = float(self.teacher_temp_schedule[epoch])
-        if backend == "triton":
-            from dino_fast.kernels.dino_loss import dino_loss_triton
-            loss, row_sum = dino_loss_triton(student_output, teacher_output, self.center,
-                                             self.ncrops, self.student_temp, temp)
-        else:
-            loss, row_sum = dino_loss_eager(student_output, teacher_output, self.center,
-                                            self.ncrops, self.student_temp, temp)
+        backend = select_loss_backend(self.backend, student_output, teacher_output, "DINOLoss")
+        loss, row_sum = _loss_path(backend)(student_output, teacher_output, self.center,
+                                            self.ncrops, self.student_temp,
+                                            float(self.teacher_temp_schedule[epoch]))
         self.last_backend = backend
         self.update_center(row_sum, teacher_output.shape[0])
         return loss
