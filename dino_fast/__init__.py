@@ -7,5 +7,6 @@ Public entry points:
 __version__ = "0.1.0"
 
 from dino_fast.loss import DINOLoss, dino_loss, dino_loss_eager
+from dino_fast.ema import TeacherEMA, ema_update_  # noqa: F401  (the teacher EMA, issue 4)
 
 __all__ = ["DINOLoss", "dino_loss", "dino_loss_eager", "__version__"]
