@@ -242,6 +242,29 @@ def test_transposed_parameters_with_the_same_layout_work(backend, device):
     assert_close_to_oracle([t], [before], [s], 0.8, backend)
 
 
+@pytest.mark.parametrize("backend,device", PATHS)
+def test_views_into_one_flat_buffer_at_unaligned_offsets_work(backend, device):
+    # parameters packed into one buffer (flat-parameter wrappers do this) start at any element
+    # offset: the kernel must not assume 16-byte aligned pointers for those, and the aligned
+    # ones keep the vectorised path (a launch of their own)
+    _backend_available(backend, device)
+    sizes = [3, 4097, 5000, 4, 2]
+    starts = 1 + np.cumsum([0] + sizes[:-1])  # element offsets 1, 4, 4101, ...: only [1] aligned
+    t_buf = torch.randn(sum(sizes) + 2, device=device)
+    s_buf = torch.randn(sum(sizes) + 2, device=device)
+    teachers = [t_buf[a:a + n] for a, n in zip(starts, sizes)]
+    students = [s_buf[a:a + n] for a, n in zip(starts, sizes)]
+    t_before = t_buf.clone()
+    ema_update_(teachers, students, 0.9, backend=backend)
+    assert_close_to_oracle(teachers, [t_before[a:a + n] for a, n in zip(starts, sizes)],
+                           students, 0.9, backend)
+    assert torch.equal(t_buf[0], t_before[0]) and torch.equal(t_buf[-1], t_before[-1])
+    if backend == "triton":
+        from dino_fast.kernels.ema import PLAN_CACHE
+        plan = PLAN_CACHE.get(teachers, students)
+        assert sorted(g["aligned"] for g in plan.launches) == [False, True]
+
+
 @pytest.mark.parametrize("backend,device", TRITON_PATHS)
 def test_triton_refuses_layouts_it_cannot_walk_and_writes_nothing(backend, device):
     teachers, students = make_pairs(DTYPE_CYCLES["fp32"], device, n=5)
