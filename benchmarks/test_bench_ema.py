@@ -133,7 +133,7 @@ def test_ema_dino_fast_eager_foreach(benchmark, params):
 def test_ema_dino_fast_triton(benchmark, params):
     device, teachers, students = params
     if device.type != "cuda":
-        pytest.skip("the Triton EMA is timed on CUDA only (on CPU the interpreter would time numpy)")
+        pytest.skip("the Triton EMA is timed on CUDA only (the interpreter would time numpy)")
     _bench(benchmark, "dino_fast Triton (one launch)",
            lambda ts, ss: ema_update_(ts, ss, MOMENTUM, backend="triton"),
            device, teachers, students)
