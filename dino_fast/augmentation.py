@@ -60,7 +60,7 @@ def _rand() -> float:
     return float(torch.rand(1))
 
 
-class MultiCropTransform:
+class CropTransform:
     """One DINO crop: PIL image -> normalised float32 tensor (3, size, size).
 
     size: output side in pixels; scale: area fraction range of the random-resized crop (aspect
@@ -156,13 +156,13 @@ class DataAugmentationDINO:
         self.blur_radius = (lo, hi)
         common = dict(blur_radius=self.blur_radius, mean=mean, std=std)
         # first global crop: always blurred
-        self.global_transfo1 = MultiCropTransform(global_size, global_crops_scale, blur_p=1.0,
+        self.global_transfo1 = CropTransform(global_size, global_crops_scale, blur_p=1.0,
                                                   **common)
         # second global crop: rarely blurred, sometimes solarized
-        self.global_transfo2 = MultiCropTransform(global_size, global_crops_scale, blur_p=0.1,
+        self.global_transfo2 = CropTransform(global_size, global_crops_scale, blur_p=0.1,
                                                   solarize_p=0.2, **common)
         # small crops
-        self.local_transfo = MultiCropTransform(local_size, local_crops_scale, blur_p=0.5,
+        self.local_transfo = CropTransform(local_size, local_crops_scale, blur_p=0.5,
                                                 **common)
 
     @property
