@@ -259,8 +259,8 @@ def launch_config(B: int, K: int, device: torch.device) -> LaunchConfig:
 
 def _check_config(config: LaunchConfig) -> None:
     bk, spp = config.block_k, config.samples_per_program
-    if not (isinstance(bk, int) and bk >= 1 and bk & (bk - 1) == 0):
-        raise ValueError(f"block_k must be a power of two, got {bk!r}")
+    if not (isinstance(bk, int) and bk >= MIN_BLOCK_K and bk & (bk - 1) == 0):
+        raise ValueError(f"block_k must be a power of two >= {MIN_BLOCK_K}, got {bk!r}")
     if not (isinstance(spp, int) and spp >= 1):
         raise ValueError(f"samples_per_program must be a positive integer, got {spp!r}")
 
