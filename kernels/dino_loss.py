@@ -334,7 +334,7 @@ def _backward(grad_loss, student, teacher, center_vec, lse_s, t_lse, ncrops,
 class DINOLossFunction(torch.autograd.Function):
     """The fused loss as an autograd op. Outputs (loss fp32 scalar, teacher row sum (K,) fp32);
     only the loss is differentiable, w.r.t. the student logits. Saves S and T (alive anyway),
-    a copy of the center and the per-row statistics: V*B + 2*G*B floats beyond the inputs."""
+    a copy of the center (K floats) and the per-row log-sum-exps (V*B + G*B floats)."""
 
     @staticmethod
     def forward(ctx, student, teacher, center, ncrops, student_temp, teacher_temp, config):
