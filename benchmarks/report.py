@@ -38,7 +38,7 @@ def load_rows(path: str | Path) -> tuple[dict, list[dict]]:
             "rounds": stats["rounds"],
             "gbps": info.get("GB/s"),
             "pct_roofline": info.get("pct_of_roofline"),
-            "peak_mb": info.get("peak_memory_MB"),
+            "peak_mb": info.get("peak_memory_MB", info.get("peak_rss_growth_MB")),
         })
     return data.get("machine_info", {}), rows
 
@@ -66,7 +66,7 @@ def markdown(machine: dict, groups: "OrderedDict[str, list[dict]]") -> str:
     for group, members in groups.items():
         devices = sorted({r["device"] for r in members if r["device"]})
         lines += [f"### {group}" + (f" — {', '.join(devices)}" if devices else ""), "",
-                  "| path | median ms | min ms | speed-up | GB/s | % roofline | peak MB |",
+                  "| path | median ms | min ms | speed-up | GB/s | % roofline | peak MB* |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in members:
             tag = " (baseline)" if r["baseline"] else ""
@@ -74,6 +74,8 @@ def markdown(machine: dict, groups: "OrderedDict[str, list[dict]]") -> str:
                          f"{r['speedup']:.2f}x | {_fmt(r['gbps'], '.1f')} | "
                          f"{_fmt(r['pct_roofline'], '.1f')} | {_fmt(r['peak_mb'], '.1f')} |")
         lines.append("")
+    lines.append("*peak MB: extra device memory of one call on CUDA; on CPU the growth of the "
+                 "resident set, a lower bound (reused heap blocks are not seen).")
     return "\n".join(lines)
 
 
