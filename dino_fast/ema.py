@@ -19,7 +19,6 @@ momentum, a step past the schedule) a clear error names the argument and nothing
 """
 from __future__ import annotations
 
-import numbers
 import sys
 from typing import Iterable, Optional, Sequence
 
@@ -28,19 +27,11 @@ import torch
 from torch import nn
 
 from dino_fast.backend import check_backend_name, resolve_backend
+from dino_fast.checks import check_index, check_int, check_unit_interval
 
 
 # ----------------------------------------------------------------------------------------------
 # validation (shared by both backends, runs before any write)
-
-def check_momentum(momentum, name: str = "momentum") -> float:
-    """Return momentum as a float, or raise if it is not a real number in [0, 1]."""
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"{name} must be a real number in [0, 1], got {momentum!r}")
-    if not 0.0 <= momentum <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {momentum!r}")
-    return float(momentum)
-
 
 def check_ema_inputs(teachers: Sequence, students: Sequence,
                      names: Optional[Sequence[str]] = None) -> torch.device:
@@ -108,7 +99,7 @@ def ema_update_eager_(teachers: Sequence[torch.Tensor], students: Sequence[torch
 def _ema_update(teachers: list, students: list, momentum, backend: str,
                 names: Optional[Sequence[str]] = None) -> str:
     check_backend_name(backend)
-    momentum = check_momentum(momentum)
+    momentum = check_unit_interval(momentum, "momentum")
     device = check_ema_inputs(teachers, students, names)
     chosen = resolve_backend(backend, device, "ema_update_")
     if chosen == "triton":
@@ -176,14 +167,6 @@ def _is_compiled(model: nn.Module) -> bool:
     return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 class TeacherEMA:
     """The DINO teacher update with the official per-iteration cosine momentum schedule.
 
@@ -211,9 +194,9 @@ class TeacherEMA:
     def __init__(self, student: nn.Module, teacher: nn.Module, base_momentum: float = 0.996,
                  final_momentum: float = 1.0, *, total_steps: int, include_buffers: bool = False,
                  backend: str = "auto"):
-        self.base_momentum = check_momentum(base_momentum, "base_momentum")
-        self.final_momentum = check_momentum(final_momentum, "final_momentum")
-        self.total_steps = _check_int(total_steps, "total_steps", 1)
+        self.base_momentum = check_unit_interval(base_momentum, "base_momentum")
+        self.final_momentum = check_unit_interval(final_momentum, "final_momentum")
+        self.total_steps = check_int(total_steps, "total_steps", 1)
         self.include_buffers = bool(include_buffers)
         self.backend = check_backend_name(backend)
         self.student = unwrap_model(student)
@@ -228,12 +211,9 @@ class TeacherEMA:
 
     def momentum(self, step: int) -> float:
         """The teacher momentum of iteration `step`, 0 <= step < total_steps."""
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            raise TypeError(f"step must be an integer in [0, {self.total_steps}), got {step!r}")
-        if not 0 <= step < self.total_steps:
-            raise ValueError(f"step must be in [0, total_steps={self.total_steps}) (the momentum "
-                             f"schedule has one value per iteration), got {step}")
-        return cosine_momentum(int(step), self.total_steps, self.base_momentum,
+        step = check_index(step, "step", self.total_steps,
+                           f"total_steps={self.total_steps}: one momentum per iteration")
+        return cosine_momentum(step, self.total_steps, self.base_momentum,
                                self.final_momentum)
 
     def _pairs(self) -> tuple[list, list, list]:
@@ -276,7 +256,7 @@ class TeacherEMA:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the iteration counter (the schedule itself comes from the constructor)."""
-        self.num_updates = _check_int(state["num_updates"], "state['num_updates']", 0)
+        self.num_updates = check_int(state["num_updates"], "state['num_updates']", 0)
 
     def __repr__(self) -> str:
         return (f"TeacherEMA(base_momentum={self.base_momentum}, final_momentum="

@@ -9,19 +9,12 @@ renames the keys to `parametrizations.weight.original0/1` and breaks official ch
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+from dino_fast.checks import check_int
 
 
 class WeightNormLinear(nn.Module):
@@ -35,8 +28,8 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.in_features = _check_int(in_features, "in_features", 1)
-        self.out_features = _check_int(out_features, "out_features", 1)
+        self.in_features = check_int(in_features, "in_features", 1)
+        self.out_features = check_int(out_features, "out_features", 1)
         v = torch.empty(self.out_features, self.in_features)
         nn.init.kaiming_uniform_(v, a=math.sqrt(5))  # nn.Linear's default initialisation
         # g registered before v, as weight_norm does: the parameter order (which optimizer
@@ -73,11 +66,11 @@ class DINOHead(nn.Module):
                  norm_last_layer: bool = True, nlayers: int = 3, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256):
         super().__init__()
-        in_dim = _check_int(in_dim, "in_dim", 1)
-        out_dim = _check_int(out_dim, "out_dim", 1)
-        nlayers = _check_int(nlayers, "nlayers", 1)
-        hidden_dim = _check_int(hidden_dim, "hidden_dim", 1)
-        bottleneck_dim = _check_int(bottleneck_dim, "bottleneck_dim", 1)
+        in_dim = check_int(in_dim, "in_dim", 1)
+        out_dim = check_int(out_dim, "out_dim", 1)
+        nlayers = check_int(nlayers, "nlayers", 1)
+        hidden_dim = check_int(hidden_dim, "hidden_dim", 1)
+        bottleneck_dim = check_int(bottleneck_dim, "bottleneck_dim", 1)
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:

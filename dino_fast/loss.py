@@ -17,7 +17,6 @@ all-reduced over the process group when there is one.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import numpy as np
@@ -26,16 +25,10 @@ import torch.distributed as dist
 from torch import nn
 
 from dino_fast.backend import check_backend_name, resolve_backend
+from dino_fast.checks import (check_floating_tensor, check_index, check_int, check_positive,
+                              check_unit_interval)
 
 N_GLOBAL_CROPS = 2  # the teacher sees the two global crops, rows 0..2B-1 of the student too
-
-
-def _check_floating(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16 or float16), "
-                        f"got dtype {t.dtype}")
 
 
 def check_loss_inputs(student_output, teacher_output, center, ncrops: int, *,
@@ -45,13 +38,13 @@ def check_loss_inputs(student_output, teacher_output, center, ncrops: int, *,
     student_output: (ncrops*B, K), teacher_output: (2*B, K), center: (1, K) fp32, ncrops >= 2;
     the temperatures, when given, positive and finite (the module checks its own at construction).
     """
-    _check_int(ncrops, "ncrops", N_GLOBAL_CROPS)
+    check_int(ncrops, "ncrops", N_GLOBAL_CROPS)
     if student_temp is not None:
-        _check_positive(student_temp, "student_temp")
+        check_positive(student_temp, "student_temp")
     if teacher_temp is not None:
-        _check_positive(teacher_temp, "teacher_temp")
-    _check_floating(student_output, "student_output")
-    _check_floating(teacher_output, "teacher_output")
+        check_positive(teacher_temp, "teacher_temp")
+    check_floating_tensor(student_output, "student_output")
+    check_floating_tensor(teacher_output, "teacher_output")
     if student_output.dim() != 2:
         raise ValueError(f"student_output must be 2-D (ncrops*batch, out_dim), got shape "
                          f"{tuple(student_output.shape)}")
@@ -228,22 +221,6 @@ def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float,
     ))
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not value > 0 or not np.isfinite(value):
-        raise ValueError(f"{name} must be a positive finite temperature, got {value}")
-    return float(value)
-
-
 class DINOLoss(nn.Module):
     """Drop-in replacement of the official DINO training script's `DINOLoss`.
 
@@ -266,21 +243,18 @@ class DINOLoss(nn.Module):
                  center_momentum: float = 0.9, *, backend: str = "auto",
                  async_center: bool = False):
         super().__init__()
-        out_dim = _check_int(out_dim, "out_dim", 1)
-        self.ncrops = _check_int(ncrops, "ncrops", N_GLOBAL_CROPS)
-        nepochs = _check_int(nepochs, "nepochs", 1)
-        warmup_teacher_temp_epochs = _check_int(warmup_teacher_temp_epochs,
+        out_dim = check_int(out_dim, "out_dim", 1)
+        self.ncrops = check_int(ncrops, "ncrops", N_GLOBAL_CROPS)
+        nepochs = check_int(nepochs, "nepochs", 1)
+        warmup_teacher_temp_epochs = check_int(warmup_teacher_temp_epochs,
                                                 "warmup_teacher_temp_epochs", 0)
         if warmup_teacher_temp_epochs > nepochs:
             raise ValueError(f"warmup_teacher_temp_epochs must be <= nepochs={nepochs}, got "
                              f"{warmup_teacher_temp_epochs}")
-        _check_positive(warmup_teacher_temp, "warmup_teacher_temp")
-        _check_positive(teacher_temp, "teacher_temp")
-        self.student_temp = _check_positive(student_temp, "student_temp")
-        if isinstance(center_momentum, bool) or not isinstance(center_momentum, numbers.Real) \
-                or not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be a number in [0, 1], got {center_momentum!r}")
-        self.center_momentum = float(center_momentum)
+        check_positive(warmup_teacher_temp, "warmup_teacher_temp")
+        check_positive(teacher_temp, "teacher_temp")
+        self.student_temp = check_positive(student_temp, "student_temp")
+        self.center_momentum = check_unit_interval(center_momentum, "center_momentum")
         self.backend = check_backend_name(backend)
         self.async_center = bool(async_center)
         self.last_backend: Optional[str] = None
@@ -297,12 +271,8 @@ class DINOLoss(nn.Module):
 
     def _check_epoch(self, epoch) -> int:
         n = len(self.teacher_temp_schedule)
-        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
-            raise TypeError(f"epoch must be an integer in [0, {n}), got {epoch!r}")
-        if not 0 <= epoch < n:
-            raise ValueError(f"epoch must be in [0, {n}) (the teacher temperature schedule has "
-                             f"nepochs={n} entries), got {epoch}")
-        return int(epoch)
+        return check_index(epoch, "epoch", n, f"the teacher temperature schedule has "
+                                              f"nepochs={n} entries")
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
                 epoch: int) -> torch.Tensor:
