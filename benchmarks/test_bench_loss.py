@@ -1,5 +1,5 @@
 """DINO loss, forward + backward, 2 + 10 crops, K = 65536: B = 32 fp32 on CPU; B = 64 per GPU,
-fp32 and bf16 logits, on CUDA.
+fp32 and bf16 logits, on CUDA; then a sweep over K and over the number of local crops.
 
 Paths timed (`extra_info["path"]`):
 - official double loop: the official script's formulation (tests/reference.py), one
@@ -42,11 +42,20 @@ reference = _load_reference()
 
 gpu = pytest.mark.gpu
 NCROPS, OUT_DIM, STUDENT_TEMP, TEACHER_TEMP = 12, 65536, 0.1, 0.04
+# (device, dtype, batch, ncrops, out_dim): the standard configuration first, then a sweep over K
+# (2 + 10 crops) and over the number of local crops (K = 16384), smaller on CPU.
 PROBLEMS = [
-    pytest.param(("cpu", torch.float32, 32), id="cpu-fp32-B32"),
-    pytest.param(("cuda", torch.float32, 64), marks=gpu, id="cuda-fp32-B64"),
-    pytest.param(("cuda", torch.bfloat16, 64), marks=gpu, id="cuda-bf16-B64"),
+    pytest.param(("cpu", torch.float32, 32, NCROPS, OUT_DIM), id="cpu-fp32-B32"),
+    pytest.param(("cuda", torch.float32, 64, NCROPS, OUT_DIM), marks=gpu, id="cuda-fp32-B64"),
+    pytest.param(("cuda", torch.bfloat16, 64, NCROPS, OUT_DIM), marks=gpu, id="cuda-bf16-B64"),
 ]
+SWEEP_K = {"cpu": (1024, 8192), "cuda": (1024, 8192, 131072, 262144)}
+SWEEP_LOCAL = {"cpu": (0, 4), "cuda": (0, 4, 8)}
+for _dev, _batch, _marks in (("cpu", 16, ()), ("cuda", 64, (gpu,))):
+    PROBLEMS += [pytest.param((_dev, torch.float32, _batch, NCROPS, k), marks=_marks,
+                              id=f"{_dev}-sweepK-{k}") for k in SWEEP_K[_dev]]
+    PROBLEMS += [pytest.param((_dev, torch.float32, _batch, 2 + n, 16384), marks=_marks,
+                              id=f"{_dev}-sweep-local-{n}") for n in SWEEP_LOCAL[_dev]]
 ROUNDS = {"cpu": 3, "cuda": 30}
 # The official formulation on bf16 logits rounds S / tau_s and its log_softmax to bf16 (the loss
 # stays fp32 through the fp32 center): 4e-3 relative RMS on the gradient, 1e-5 on the loss at
@@ -57,41 +66,42 @@ OFFICIAL_LOW_PRECISION_RTOL = {"loss": 1e-4, "grad": 2e-2}
 @pytest.fixture(scope="module", params=PROBLEMS)
 def problem(request):
     """Inputs on the device and the official loss and gradient computed in fp32 from them."""
-    device_type, dtype, batch = request.param
+    device_type, dtype, batch, ncrops, out_dim = request.param
     device = torch.device(device_type)
-    student, teacher, center = reference.make_logits(batch, NCROPS, OUT_DIM, dtype,
+    student, teacher, center = reference.make_logits(batch, ncrops, out_dim, dtype,
                                                      device=device)
     s32 = student.float().requires_grad_()
-    loss = reference.official_dino_loss(s32, teacher.float(), center, NCROPS, STUDENT_TEMP,
+    loss = reference.official_dino_loss(s32, teacher.float(), center, ncrops, STUDENT_TEMP,
                                         TEACHER_TEMP)
     loss.backward()
     expected = (loss.detach(), s32.grad)
     del s32, loss
-    yield dict(device=device, dtype=dtype, batch=batch, student=student.requires_grad_(),
+    yield dict(device=device, dtype=dtype, batch=batch, ncrops=ncrops, out_dim=out_dim,
+               student=student.requires_grad_(),
                teacher=teacher, center=center, expected=expected)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def _official(student, teacher, center):
-    loss = reference.official_dino_loss(student, teacher, center, NCROPS, STUDENT_TEMP,
+def _official(student, teacher, center, ncrops):
+    loss = reference.official_dino_loss(student, teacher, center, ncrops, STUDENT_TEMP,
                                         TEACHER_TEMP)
     return loss, None
 
 
-def _eager(student, teacher, center):
-    return dino_loss_eager(student, teacher, center, NCROPS, STUDENT_TEMP, TEACHER_TEMP)
+def _eager(student, teacher, center, ncrops):
+    return dino_loss_eager(student, teacher, center, ncrops, STUDENT_TEMP, TEACHER_TEMP)
 
 
-def _triton(student, teacher, center):
+def _triton(student, teacher, center, ncrops):
     from dino_fast.kernels.dino_loss import dino_loss_triton
-    return dino_loss_triton(student, teacher, center, NCROPS, STUDENT_TEMP, TEACHER_TEMP)
+    return dino_loss_triton(student, teacher, center, ncrops, STUDENT_TEMP, TEACHER_TEMP)
 
 
 def _check_agrees_with_official(loss_fn, p, tolerances):
     student = p["student"]
     student.grad = None
-    loss, _ = loss_fn(student, p["teacher"], p["center"])
+    loss, _ = loss_fn(student, p["teacher"], p["center"], p["ncrops"])
     loss.backward()
     exp_loss, exp_grad = p["expected"]
     loss_err = reference.rel_rms(loss.detach(), exp_loss)
@@ -108,7 +118,7 @@ def _bench(benchmark, path, loss_fn, p, tolerances):
 
     def step():
         student.grad = None
-        loss, _ = loss_fn(student, teacher, center)
+        loss, _ = loss_fn(student, teacher, center, p["ncrops"])
         loss.backward()
 
     fn = synchronized(step, device)
@@ -116,7 +126,8 @@ def _bench(benchmark, path, loss_fn, p, tolerances):
     peak = peak_memory(fn, device)
     size = lambda t: t.numel() * t.element_size()  # noqa: E731
     s_bytes, t_bytes = size(student), size(teacher)
-    benchmark.group = (f"dino loss fwd+bwd B={p['batch']} 2+{NCROPS - 2} crops K={OUT_DIM} "
+    benchmark.group = (f"dino loss fwd+bwd B={p['batch']} 2+{p['ncrops'] - 2} crops "
+                       f"K={p['out_dim']} "
                        f"{str(p['dtype']).removeprefix('torch.')}, {device.type}")
     benchmark.pedantic(fn, rounds=ROUNDS[device.type], warmup_rounds=1, iterations=1)
     record(benchmark, path=path, device=device, bytes_moved=2 * (s_bytes + t_bytes) + s_bytes,
