@@ -27,18 +27,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from dino_fast.ema import unwrap_model  # DDP / torch.compile wrappers off: stable keys
+
 PathLike = Union[str, os.PathLike]
-
-
-def unwrap_model(module: nn.Module) -> nn.Module:
-    """The plain module under DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`)."""
-    while True:
-        if isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
@@ -47,6 +38,9 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -88,11 +88,15 @@ def build_optimizer(name: str, params_groups: list[dict]) -> torch.optim.Optimiz
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """Set this step's lr in every group and its weight decay in group 0 (the decayed group) only."""
+    """Set this step's lr in every group and its weight decay in group 0 (the decayed group) only.
+
+    Values are stored as Python floats (a numpy scalar from a schedule array would make the
+    optimizer's state_dict, hence the checkpoint, unloadable with weights_only=True).
+    """
     for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = lr
+        group["lr"] = float(lr)
         if i == 0:
-            group["weight_decay"] = weight_decay
+            group["weight_decay"] = float(weight_decay)
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dino_fast.checkpoint import (atomic_torch_save, load_checkpoint, restore_training_state,
-                                  training_state, unwrap_model)
+                                  training_state)
 from dino_fast.loss import DINOLoss
 
 
@@ -58,14 +58,3 @@ def test_missing_or_foreign_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a dino_fast training checkpoint"):
         load_checkpoint(tmp_path / "other.pth")
 
-
-def test_unwrap_model_removes_compile_wrappers():
-    inner = nn.Linear(2, 2)
-
-    class Wrapped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self._orig_mod = inner
-
-    assert unwrap_model(Wrapped()) is inner
-    assert unwrap_model(inner) is inner
