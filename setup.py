@@ -30,4 +30,8 @@ setup(
         "matplotlib",  # the PNG pictures: training curves, attention maps, benchmark charts
     ],
     extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4"]},
+    entry_points={"console_scripts": [
+        "dino-fast-train=dino_fast.train:main",
+        "dino-fast-knn=dino_fast.knn:main",
+    ]},
 )

@@ -1,0 +1,221 @@
+"""The training script end to end, on a tiny ViT and the procedural images (CPU, seconds each)."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dino_fast import knn, train
+from dino_fast.checkpoint import load_checkpoint
+from dino_fast.loss import DINOLoss
+from dino_fast.monitor import NonFiniteGuard, NonFiniteLoss, collapse_warning
+
+# 32 images / batch 8 = 4 steps per epoch; a 1-block, 32-wide ViT on 16 px crops
+TINY = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_heads", "2",
+        "--patch_size", "4", "--image_size", "16", "--local_crop_size", "8", "--out_dim", "64",
+        "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--local_crops_number", "2",
+        "--batch_size_per_gpu", "8", "--train_samples", "32", "--knn_train_samples", "40",
+        "--knn_test_samples", "20", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0",
+        "--log_freq", "2", "--attention_images", "2", "--device", "cpu", "--saveckp_freq", "1"]
+STEPS_PER_EPOCH = 4
+
+
+def run(output_dir, *extra):
+    return train.run(TINY + ["--output_dir", str(output_dir), *extra])
+
+
+def read_log(output_dir):
+    with open(Path(output_dir) / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def state_tensors(ckpt):
+    """Every tensor of a checkpoint that training changes, by a flat name."""
+    out = {}
+    for part in ("student", "teacher", "dino_loss"):
+        out.update({f"{part}.{k}": v for k, v in ckpt[part].items()})
+    for pid, state in ckpt["optimizer"]["state"].items():
+        out.update({f"optimizer.{pid}.{k}": v for k, v in state.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run")
+    result = run(out, "--knn_freq", "1")
+    return out, result
+
+
+def test_tiny_run_writes_checkpoints_log_knn_and_pictures(tiny_run):
+    out, result = tiny_run
+    for name in ("checkpoint.pth", "checkpoint0001.pth", "checkpoint0002.pth", "log.jsonl"):
+        assert (out / name).is_file(), name
+    for name in ("training_curves.png", "attention_maps.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+    log = read_log(out)
+    steps = [r for r in log if r["type"] == "step"]
+    assert [r["it"] for r in steps] == [0, 2, 3, 4, 6, 7]  # every --log_freq steps + epoch ends
+    for r in steps:
+        assert {"loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy",
+                "images_per_s"} <= set(r) and math.isfinite(r["loss"])
+    assert steps[0]["lr"] == 0.0 and steps[0]["momentum"] == 0.996  # warm-up starts at 0
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [0, 1]
+    assert [r["epochs_trained"] for r in log if r["type"] == "knn"] == [0, 1, 2]
+    assert {"knn_before", "knn_after"} <= set(result)
+
+    ckpt = load_checkpoint(out / "checkpoint.pth")  # weights_only: plain tensors and scalars
+    assert ckpt["epoch"] == 2 and ckpt["args"]["out_dim"] == 64
+    assert torch.isfinite(ckpt["dino_loss"]["center"]).all()
+    assert ckpt["dino_loss"]["center"].abs().sum() > 0  # the center was updated
+    moved = [k for k, v in ckpt["teacher"].items() if not torch.equal(v, ckpt["student"][k])]
+    assert moved  # teacher (EMA) and student (gradient) differ after training
+
+
+def test_knn_on_a_checkpoint_reproduces_the_final_figure_of_training(tiny_run):
+    out, result = tiny_run
+    alone = knn.run(["--checkpoint", str(out / "checkpoint.pth"), "--device", "cpu"])
+    assert alone["knn_top1"] == result["knn_after"]["knn_top1"]
+    assert alone["knn_top5"] == result["knn_after"]["knn_top5"]
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--num_workers", "1", "--knn_before", "false", "--attention_images", "0"]
+    run(full, *common)
+    # an interrupted run: what the first run held after its first epoch
+    resumed.mkdir()
+    shutil.copy(full / "checkpoint0001.pth", resumed / "checkpoint.pth")
+    result = run(resumed, *common, "--resume")
+    assert result["start_epoch"] == 1
+    a = state_tensors(load_checkpoint(full / "checkpoint.pth"))
+    b = state_tensors(load_checkpoint(resumed / "checkpoint.pth"))
+    assert a.keys() == b.keys() and len(a) > 20
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+    # and resuming changed something: the first epoch's state differs from the final one
+    first = state_tensors(load_checkpoint(full / "checkpoint0001.pth"))
+    assert not torch.equal(first["teacher.backbone.cls_token"], a["teacher.backbone.cls_token"])
+
+
+def test_resume_with_other_model_settings_is_refused(tiny_run, tmp_path):
+    out, _ = tiny_run
+    shutil.copy(out / "checkpoint.pth", tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="--out_dim 64 .checkpoint. vs 32"):
+        run(tmp_path, "--resume", "--out_dim", "32")
+
+
+class _DivergingLoss(DINOLoss):
+    """The real loss, made NaN from the second epoch on (what a too-high lr ends in)."""
+
+    def forward(self, student_output, teacher_output, epoch):
+        loss = super().forward(student_output, teacher_output, epoch)
+        return loss * float("nan") if epoch >= 1 else loss
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "DINOLoss", _DivergingLoss)
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, "--knn_before", "false", "--attention_images", "0")
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert f"non-finite (NaN or inf) at step {STEPS_PER_EPOCH}" in err  # first step of epoch 2
+    for hint in ("--lr", "fp32", "--clip_grad"):
+        assert hint in err
+    good = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert good["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state_tensors(good).values())
+    assert (tmp_path / "checkpoint.pth").read_bytes() == \
+        (tmp_path / "checkpoint0001.pth").read_bytes()
+    assert not (tmp_path / "checkpoint0002.pth").exists()
+    assert [r["epoch"] for r in read_log(tmp_path) if r["type"] == "epoch"] == [0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--data_path", "/nonexistent/images"], "does not exist"),
+    (["--image_size", "18"], "multiple of --patch_size"),
+    (["--warmup_epochs", "3"], "cannot exceed --epochs"),
+    (["--num_heads", "3"], "multiple of its number of heads"),
+    (["--global_crops_scale", "0.8", "0.3"], "0 < min <= max <= 1"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--resume"], "no checkpoint at"),
+    pytest.param(["--precision", "bf16"], "needs CUDA",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")),
+])
+def test_bad_flags_are_rejected_before_any_work(tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        run(out, *flags)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing was started
+
+
+def test_an_earlier_run_is_not_overwritten_without_resume(tiny_run, capsys):
+    out, _ = tiny_run
+    with pytest.raises(SystemExit):
+        run(out)
+    assert "pass --resume to continue it" in capsys.readouterr().err
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(train, "triton_available", lambda: True)
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", "--backend", "triton")
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+def test_two_processes_on_gloo_train_and_only_rank_0_speaks(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "dino_fast.train", *TINY, "--output_dir", str(out), "--attention_images", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("k-NN (before training)") == 1  # rank 1 is quiet
+    assert "2 process(es)" in proc.stdout
+    assert "2 steps per epoch" in proc.stdout  # 32 images, 8 per process and step, 2 processes
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in state_tensors(ckpt).values())
+    steps = [r["it"] for r in read_log(out) if r["type"] == "step"]
+    assert steps == sorted(set(steps))  # one writer: no duplicated records
+
+
+def test_collapse_warnings():
+    k = 64
+    assert collapse_warning(0.99 * math.log(k), 0.99 * math.log(k), math.log(k), k) \
+        .startswith("possible collapse to a uniform output")
+    assert collapse_warning(0.01, 0.01, 0.02, k).startswith("possible collapse to one dimension")
+    assert collapse_warning(3.0, 1.0, 3.5, k) is None  # sharp per image, many prototypes used
+    # the first epoch starts at ln(K): only the one-dimension test applies
+    assert collapse_warning(math.log(k), 4.0, 4.1, k, check_uniform=False) is None
+
+
+def test_non_finite_guard_names_the_first_bad_step():
+    guard = NonFiniteGuard(torch.device("cpu"))
+    for step, value in enumerate([1.0, 2.0, float("nan"), float("inf"), 1.0]):
+        guard.record(torch.tensor(value), step)
+    with pytest.raises(NonFiniteLoss, match="at step 2 "):
+        guard.check()
+    fine = NonFiniteGuard(torch.device("cpu"))
+    fine.record(torch.tensor(1.0), 0)
+    fine.check()
+
+
+def test_time_budget_stops_between_epochs_and_the_run_can_be_resumed(tmp_path, capsys):
+    result = run(tmp_path, "--max_train_minutes", "1e-6", "--knn_before", "false",
+                 "--attention_images", "0")
+    assert result["epochs_trained"] == 1  # the first epoch always runs
+    assert "stopping before epoch 2" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
+    resumed = run(tmp_path, "--resume", "--knn_before", "false", "--attention_images", "0")
+    assert (resumed["start_epoch"], resumed["epochs_trained"]) == (1, 2)
