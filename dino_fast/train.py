@@ -417,7 +417,9 @@ def train_dino(args) -> dict:
     env = distributed.init_distributed(args.device)
     device, main_process = env.device, env.is_main
     say = print if main_process else (lambda *a, **k: None)
-    seed_everything(derive_seed(args.seed, env.rank))
+    # every rank builds the same networks (the teacher copies its rank's student before DDP
+    # would broadcast rank 0's); the data streams differ by rank from the first epoch on
+    seed_everything(derive_seed(args.seed, rank=0))
     output_dir = Path(args.output_dir)
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -60,3 +60,29 @@ def test_extract_features_are_l2_normalised_and_in_dataset_order():
     assert torch.equal(got_labels, labels)
     assert torch.allclose(feats.norm(dim=1), torch.ones(10))
     assert torch.allclose(feats, F.normalize(model(images), dim=1).detach(), atol=1e-6)
+
+
+def _sharded_features(rank, port, result_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    torch.manual_seed(0)  # the same model and data on both ranks
+    images, labels = torch.randn(11, 3, 2, 2), torch.arange(11)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+    feats, got = extract_features(model, TensorDataset(images, labels), batch_size=4)
+    if rank == 0:
+        torch.save({"feats": feats, "labels": got, "single": F.normalize(model(images), dim=1)},
+                   result_path)
+    dist.destroy_process_group()
+
+
+def test_features_embedded_on_two_ranks_come_back_in_dataset_order(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_features, args=(port, str(tmp_path / "r.pt")), nprocs=2)
+    r = torch.load(tmp_path / "r.pt")
+    assert torch.equal(r["labels"], torch.arange(11))  # 11 images: ranks hold 6 and 5
+    assert torch.allclose(r["feats"], r["single"].detach(), atol=1e-6)

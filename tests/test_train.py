@@ -1,7 +1,9 @@
 """The training script end to end, on a tiny ViT and the procedural images (CPU, seconds each)."""
+import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from dino_fast import knn, train
 from dino_fast.checkpoint import load_checkpoint
 from dino_fast.loss import DINOLoss
 from dino_fast.monitor import NonFiniteGuard, NonFiniteLoss, collapse_warning
+from dino_fast.progress import ProgressBar
 
 # 32 images / batch 8 = 4 steps per epoch; a 1-block, 32-wide ViT on 16 px crops
 TINY = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_heads", "2",
@@ -188,6 +191,26 @@ def test_two_processes_on_gloo_train_and_only_rank_0_speaks(tmp_path):
     assert all(torch.isfinite(v).all() for v in state_tensors(ckpt).values())
     steps = [r["it"] for r in read_log(out) if r["type"] == "step"]
     assert steps == sorted(set(steps))  # one writer: no duplicated records
+    # both ranks hold the same teacher: the features they embed and gather give the figure a
+    # single process gets from the checkpoint
+    final = re.search(r"k-NN \(after 2 epochs\): top-1 ([\d.]+)%", proc.stdout).group(1)
+    alone = knn.run(["--checkpoint", str(out / "checkpoint.pth"), "--device", "cpu"])
+    assert float(final) == pytest.approx(alone["knn_top1"], abs=0.01)
+
+
+def test_progress_bar_draws_in_place_and_stays_silent_when_disabled():
+    buf = io.StringIO()
+    bar = ProgressBar(10, desc="epoch 1/2", enabled=True, file=buf, min_interval=0)
+    bar.update(5, loss=3.25, lr=1.5e-4, **{"img/s": 120})
+    bar.close()
+    text = buf.getvalue()
+    assert text.startswith("\repoch 1/2 [##########..........] 5/10") and text.endswith("\n")
+    assert "loss 3.25" in text and "lr 1.500e-04" in text and "img/s 120" in text
+    quiet = io.StringIO()  # not a terminal: nothing drawn
+    bar = ProgressBar(10, file=quiet)
+    bar.update(5, loss=1.0)
+    bar.close()
+    assert quiet.getvalue() == ""
 
 
 def test_collapse_warnings():
