@@ -427,6 +427,8 @@ def train_dino(args) -> dict:
         "bf16" if device.type == "cuda" else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the patch embedding is a convolution
     say(f"dino_fast: {env.world_size} process(es) on {device}, {precision}, "
         f"{'compiled' if use_compile else 'eager'} ViT, "
         f"loss/EMA backend {resolve_backend(args.backend, device, 'train')}")
