@@ -20,6 +20,7 @@ from (seed, epoch, rank), so a resumed epoch draws the same numbers as an uninte
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -68,11 +69,17 @@ def training_state(*, epoch: int, student: nn.Module, teacher: nn.Module,
 
 
 def load_checkpoint(path: PathLike) -> dict:
-    """Read a checkpoint on the CPU; a clear error when the file is missing or is not one of ours."""
+    """Read a checkpoint on the CPU; a clear error when the file is missing or not one of ours."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # an official or foreign checkpoint holding Python objects
+        raise ValueError(f"{path} is not a dino_fast training checkpoint: it holds Python objects "
+                         f"other than tensors and plain values, which are not unpickled (for an "
+                         f"official DINO checkpoint use dino_fast.models.load_official_checkpoint)"
+                         ) from None
     missing = [k for k in ("epoch", "student", "teacher", "args") if k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a dino_fast training checkpoint (missing {missing})")

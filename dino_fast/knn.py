@@ -161,7 +161,10 @@ def run(argv=None) -> dict:
     from dino_fast.checkpoint import load_checkpoint
     from dino_fast.train import build_backbone, build_knn_datasets, train_args_from_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     targs = train_args_from_checkpoint(ckpt)
     for name in ("data_path", "knn_train_samples", "knn_test_samples"):
         if getattr(args, name) is not None:

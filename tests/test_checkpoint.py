@@ -47,7 +47,8 @@ def test_training_state_round_trips_through_a_file(tmp_path):
         for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
             assert torch.equal(pa, pb)
     assert torch.equal(loss.center, l2.center)
-    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], o2.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"],
+                       o2.state_dict()["state"][0]["exp_avg"])
     assert ckpt["args"] == {"lr": 0.1}
 
 
@@ -58,3 +59,11 @@ def test_missing_or_foreign_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a dino_fast training checkpoint"):
         load_checkpoint(tmp_path / "other.pth")
 
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_with_a_clear_error(tmp_path):
+    import argparse
+    torch.save({"epoch": 1, "student": {}, "teacher": {}, "args": argparse.Namespace(lr=1)},
+               tmp_path / "official.pth")
+    with pytest.raises(ValueError, match="holds Python objects"):
+        load_checkpoint(tmp_path / "official.pth")
