@@ -24,7 +24,8 @@ TINY = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_heads"
         "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--local_crops_number", "2",
         "--batch_size_per_gpu", "8", "--train_samples", "32", "--knn_train_samples", "40",
         "--knn_test_samples", "20", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0",
-        "--log_freq", "2", "--attention_images", "2", "--device", "cpu", "--saveckp_freq", "1"]
+        "--log_freq", "2", "--attention_images", "2", "--device", "cpu", "--saveckp_freq", "1",
+        "--freeze_last_layer", "1", "--momentum_teacher", "0.996"]
 STEPS_PER_EPOCH = 4
 
 
@@ -79,6 +80,12 @@ def test_tiny_run_writes_checkpoints_log_knn_and_pictures(tiny_run):
     assert ckpt["dino_loss"]["center"].abs().sum() > 0  # the center was updated
     moved = [k for k, v in ckpt["teacher"].items() if not torch.equal(v, ckpt["student"][k])]
     assert moved  # teacher (EMA) and student (gradient) differ after training
+    # --freeze_last_layer 1: the output layer stays at its initial value (that the teacher
+    # shares) through the first epoch, and trains in the second
+    last = "head.last_layer.weight_v"
+    first = load_checkpoint(out / "checkpoint0001.pth")
+    assert torch.equal(first["student"][last], first["teacher"][last])
+    assert not torch.equal(ckpt["student"][last], first["student"][last])
 
 
 def test_knn_on_a_checkpoint_reproduces_the_final_figure_of_training(tiny_run):
