@@ -29,7 +29,8 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
     warmup_iters = warmup_epochs * niter_per_ep
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     i = np.arange(total - warmup_iters)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * i / max(len(i), 1)))
+    cosine = final_value + 0.5 * (base_value - final_value) * (
+        1 + np.cos(np.pi * i / max(len(i), 1)))
     schedule = np.concatenate((warmup, cosine))
     assert len(schedule) == total
     return schedule
