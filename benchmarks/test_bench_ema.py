@@ -24,8 +24,11 @@ import time
 import pytest
 import torch
 
+from benchmarks import load_test_reference
 from benchmarks.roofline import peak_memory, record, synchronized
 from dino_fast.ema import ema_update_
+
+reference = load_test_reference()
 
 MOMENTUM = 0.996
 gpu = pytest.mark.gpu
@@ -65,11 +68,7 @@ def params(request, shapes):
         torch.cuda.empty_cache()
 
 
-def official_loop(teachers, students, momentum):
-    """The official script's teacher update, one parameter at a time."""
-    with torch.no_grad():
-        for param_k, param_q in zip(teachers, students):
-            param_k.data.mul_(momentum).add_((1 - momentum) * param_q.detach().data)
+official_loop = reference.official_ema_loop
 
 
 def _check_agrees_with_official(update, teachers, students):

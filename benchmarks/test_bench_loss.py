@@ -18,27 +18,15 @@ with the official formulation computed in fp32 on the same inputs.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from benchmarks import load_test_reference
 from benchmarks.roofline import peak_memory, record, synchronized
 from dino_fast.loss import dino_loss_eager
 
 
-def _load_reference():
-    """tests/reference.py: the literal official loss and the per-dtype tolerances (tests/ is no
-    package, so it is loaded from its path)."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "reference.py"
-    spec = importlib.util.spec_from_file_location("dino_fast_test_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reference = _load_reference()
+reference = load_test_reference()
 
 gpu = pytest.mark.gpu
 NCROPS, OUT_DIM, STUDENT_TEMP, TEACHER_TEMP = 12, 65536, 0.1, 0.04

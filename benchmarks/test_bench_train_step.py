@@ -19,8 +19,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from benchmarks import load_test_reference
 from benchmarks.roofline import peak_memory, record, synchronized
 from dino_fast import DINOLoss, TeacherEMA
 from dino_fast.head import DINOHead
@@ -33,6 +33,7 @@ CONFIGS = {
     "cuda": dict(arch="vit_small", patch_size=16, sizes=(224, 96), local_crops=10, batch=64,
                  out_dim=65536, overrides={}, compile=True, amp=torch.bfloat16, rounds=10),
 }
+reference = load_test_reference()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 LR, MOMENTUM, CLIP, TOTAL_STEPS = 1e-4, 0.996, 3.0, 10_000
 
@@ -47,18 +48,9 @@ class OfficialDINOLoss(torch.nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_output, teacher_output):
-        student_out = (student_output / self.student_temp).chunk(self.ncrops)
-        teacher_out = F.softmax((teacher_output - self.center) / self.teacher_temp, dim=-1)
-        teacher_out = teacher_out.detach().chunk(2)
-        total_loss, n_loss_terms = 0, 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:
-                    continue
-                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-                total_loss += loss.mean()
-                n_loss_terms += 1
-        total_loss /= n_loss_terms
+        total_loss = reference.official_dino_loss(student_output, teacher_output, self.center,
+                                                  self.ncrops, self.student_temp,
+                                                  self.teacher_temp)
         self.update_center(teacher_output)
         return total_loss
 
@@ -66,24 +58,6 @@ class OfficialDINOLoss(torch.nn.Module):
     def update_center(self, teacher_output):
         batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-
-
-def official_clip_gradients(model, clip):
-    norms = []
-    for _, p in model.named_parameters():
-        if p.grad is not None:
-            param_norm = p.grad.data.norm(2)
-            norms.append(param_norm.item())
-            clip_coef = clip / (param_norm + 1e-6)
-            if clip_coef < 1:
-                p.grad.data.mul_(clip_coef)
-    return norms
-
-
-def official_ema(student, teacher, m):
-    with torch.no_grad():
-        for param_q, param_k in zip(student.parameters(), teacher.parameters()):
-            param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
 
 
 class _Trainer:
@@ -121,10 +95,11 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.way == "official":
-            official_clip_gradients(self.student, CLIP)
+            reference.official_clip_gradients(self.student, CLIP)
             self.optimizer.step()
             m = 1 - (1 - MOMENTUM) * (math.cos(math.pi * self.it / TOTAL_STEPS) + 1) / 2
-            official_ema(self.student, self.teacher, m)
+            reference.official_ema_loop(self.teacher.parameters(),
+                                        self.student.parameters(), m)
         else:
             clip_gradients(self.student, CLIP)
             self.optimizer.step()

@@ -48,3 +48,23 @@ def make_logits(batch, ncrops, out_dim, dtype=torch.float32, teacher_scale=1.0, 
     center = torch.randn(1, out_dim, generator=g) * 0.1
     return (student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype),
             center.to(device))
+
+
+def official_clip_gradients(model, clip):
+    """The official per-parameter gradient clipping, literally (one host sync per parameter)."""
+    norms = []
+    for _, p in model.named_parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            norms.append(param_norm.item())
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+    return norms
+
+
+def official_ema_loop(teacher_params, student_params, momentum):
+    """The official teacher update, literally: one parameter at a time, three kernels each."""
+    with torch.no_grad():
+        for param_q, param_k in zip(student_params, teacher_params):
+            param_k.data.mul_(momentum).add_((1 - momentum) * param_q.detach().data)
