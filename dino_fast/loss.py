@@ -98,12 +98,17 @@ def _scaled_crop(crop: torch.Tensor, temp: float, out: torch.Tensor) -> torch.Te
 class _DINOLossEager(torch.autograd.Function):
     """Eager loss with the closed-form gradient (see the module docstring), one crop at a time.
 
-    Forward: one log_softmax per student crop and its inner product with the teacher
-    probabilities it is paired with (Q_v = sum_{i != v} q_i); backward: one softmax per crop, turned into the
-    gradient in one more pass. Every temporary is (B, K) and lives in two work buffers allocated
-    once per call and reused by every crop (out= variants) rather than allocated per crop (on CPU
-    a fresh allocation of that size costs a page fault per 4 KiB on first touch). Saves S
-    (already alive) and the teacher probabilities q (G*B*K floats); no pair has its own tensor.
+    Per student crop v, in the compute dtype: y = S_v / tau_s, p = softmax(y) (torch's fused row
+    kernel), the row log-sum-exp from the row maxima (lse = max y - log max p, as the largest p is
+    exp(0) / sum exp(y - max y) >= 1/K: no underflow), and <Q_v, y> for the loss
+    sum_v [m_v * sum_b lse_vb - sum_b <Q_vb, y_vb>] / (|P| B). When the student needs a gradient
+    and is stored in the compute dtype (fp32/fp64), the same p becomes dL/dS_v at once, written
+    into the gradient tensor, so the backward only hands it over (scaled by grad_output unless
+    that is 1): S is read once per step instead of twice, and no (B, K) tensor exists per pair.
+    Low-precision students (bf16/fp16) get their gradient in the backward instead, from p
+    recomputed in fp32 and scaled by grad_output before rounding: fp16 cannot hold the unscaled
+    gradient (~1e-7, below its normal range), which is why a loss scaler multiplies it.
+    Temporaries are (B, K) work buffers allocated once per call and reused by every crop.
     """
 
     @staticmethod
@@ -114,44 +119,70 @@ class _DINOLossEager(torch.autograd.Function):
         q = torch.softmax((teacher.to(cdt) - center.to(cdt)) / teacher_temp, dim=-1).view(G, B, K)
         pair_q = _paired_teacher_probs(q)
         crops = student.view(V, B, K)
+        m_global, m_local = crop_multiplicities(V)
+        scale = 1.0 / (num_pairs(V) * B * student_temp)  # dL/dS at grad_output = 1
+        grad = None
+        if ctx.needs_input_grad[0] and student.dtype == cdt:
+            grad = torch.empty((V, B, K), dtype=cdt, device=student.device)
+            neg_q = [t * -scale for t in pair_q]
         y = torch.empty((B, K), dtype=cdt, device=student.device)
-        logp = torch.empty_like(y)
-        # sum_{(i,v) in P} <q_i, -log p_v> = -sum_v <Q_v, log p_v>
-        total = torch.zeros((), dtype=cdt, device=student.device)
+        p = None if grad is not None else torch.empty_like(y)
+        lse_sum = torch.zeros((), dtype=cdt, device=student.device)
+        dot_sum = torch.zeros((), dtype=cdt, device=student.device)
         for v in range(V):
-            torch.ops.aten._log_softmax.out(_scaled_crop(crops[v], student_temp, y), -1, False,
-                                            out=logp)
-            # <Q_v, log p_v> as a product then torch.sum (cascade summation): torch.dot goes to
-            # BLAS, whose fp32 dot (MKL on an AMD EPYC) was 2e-5 off over B*K = 2M terms
-            total -= logp.mul_(pair_q[min(v, G)]).sum()
-        loss = total / (num_pairs(V) * B)
+            m = m_global if v < G else m_local
+            Q = pair_q[min(v, G)]
+            y = _scaled_crop(crops[v], student_temp, y)
+            p_v = grad[v] if grad is not None else p
+            torch.ops.aten._softmax.out(y, -1, False, out=p_v)
+            # lse = max y - log max p: the largest p is exp(0) / sum exp(y - max y)
+            lse_sum += m * (torch.amax(y, dim=-1) - torch.log(torch.amax(p_v, dim=-1))).sum()
+            # row dots then their sum: torch.dot over all B*K terms goes to BLAS, whose fp32
+            # dot (MKL on an AMD EPYC) was 8e-6 off over 2M terms, vecdot 1e-7
+            dot_sum += torch.linalg.vecdot(Q, y, dim=-1).sum()
+            if grad is not None:  # dL/dS_v = (m p - Q_v) * scale, in place
+                torch.add(neg_q[min(v, G)], p_v, alpha=m * scale, out=p_v)
+        loss = (lse_sum - dot_sum) / (num_pairs(V) * B)
         ctx.save_for_backward(student, q)
         ctx.ncrops, ctx.student_temp = V, student_temp
+        ctx.grad = grad  # handed over by the first backward (a retained graph recomputes it)
         return loss.to(torch.float64 if cdt == torch.float64 else torch.float32)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         student, q = ctx.saved_tensors
-        G, V, tau_s = N_GLOBAL_CROPS, ctx.ncrops, ctx.student_temp
-        B, K = student.shape[0] // V, student.shape[1]
-        # dL/dS_vb = (m_v p_vb - Q_vb) * scale,  scale = grad / (|P| B tau_s),
-        # Q_v = sum_{i != v} q_i,  p_vb = softmax(S_vb / tau_s)
-        scale = grad_loss.to(q.dtype) / (num_pairs(V) * B * tau_s)
-        m_global, m_local = crop_multiplicities(V)
-        neg_q = [t * -scale for t in _paired_teacher_probs(q)]
-        grad = torch.empty((V, B, K), dtype=student.dtype, device=student.device)
-        crops = student.view(V, B, K)
-        y = torch.empty((B, K), dtype=q.dtype, device=student.device)
-        p = torch.empty_like(y)
-        for v in range(V):
-            torch.ops.aten._softmax.out(_scaled_crop(crops[v], tau_s, y), -1, False, out=p)
-            m = m_global if v < G else m_local
-            if grad.dtype == p.dtype:  # write the gradient in one pass
-                torch.addcmul(neg_q[min(v, G)], p, scale, value=m, out=grad[v])
-            else:
-                grad[v].copy_(torch.addcmul(neg_q[min(v, G)], p, scale, value=m, out=y))
-        return grad.view(V * B, K), None, None, None, None, None
+        V = ctx.ncrops
+        if ctx.grad is not None:
+            grad, ctx.grad = ctx.grad, None
+            # on CPU reading grad_loss costs nothing; elsewhere scale without a host sync
+            if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
+                grad.mul_(grad_loss.to(grad.dtype))
+            return grad.view(student.shape), None, None, None, None, None
+        return _recompute_grad(student, q, V, ctx.student_temp, grad_loss), \
+            None, None, None, None, None
+
+
+def _recompute_grad(student, q, V, tau_s, grad_loss):
+    """dL/dS_vb = (m_v p_vb - Q_vb) * scale, scale = grad / (|P| B tau_s), Q_v = sum_{i != v} q_i,
+    p_vb = softmax(S_vb / tau_s), one crop at a time, computed in q's dtype and rounded once."""
+    G = N_GLOBAL_CROPS
+    B, K = student.shape[0] // V, student.shape[1]
+    scale = grad_loss.to(q.dtype) / (num_pairs(V) * B * tau_s)
+    m_global, m_local = crop_multiplicities(V)
+    neg_q = [t * -scale for t in _paired_teacher_probs(q)]
+    grad = torch.empty((V, B, K), dtype=student.dtype, device=student.device)
+    crops = student.view(V, B, K)
+    y = torch.empty((B, K), dtype=q.dtype, device=student.device)
+    p = torch.empty_like(y)
+    for v in range(V):
+        torch.ops.aten._softmax.out(_scaled_crop(crops[v], tau_s, y), -1, False, out=p)
+        m = m_global if v < G else m_local
+        if grad.dtype == p.dtype:  # write the gradient in one pass
+            torch.addcmul(neg_q[min(v, G)], p, scale, value=m, out=grad[v])
+        else:
+            grad[v].copy_(torch.addcmul(neg_q[min(v, G)], p, scale, value=m, out=y))
+    return grad.view(V * B, K)
 
 
 def _paired_teacher_probs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -80,6 +80,56 @@ def test_teacher_gets_no_gradient_and_teacher_sum_is_fp32():
     torch.testing.assert_close(row_sum, teacher.detach().float().sum(0), rtol=1e-6, atol=1e-5)
 
 
+def _official_grad(student, teacher, center, ncrops, temp, grad_output=1.0):
+    s = student.detach().double().requires_grad_()
+    ref = official_dino_loss(s, teacher.double(), center.double(), ncrops, 0.1, temp)
+    (ref * grad_output).backward()
+    return ref.detach(), s.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("grad_output", [1.0, -3.0, 0.0])
+def test_gradient_from_the_forward_is_scaled_by_grad_output(dtype, grad_output):
+    # fp32/fp64 students get their gradient computed in the forward and handed over as is when
+    # grad_output is exactly 1 (the usual loss.backward()), scaled otherwise
+    student, teacher, center = make_logits(3, 5, 130, dtype)
+    ref, ref_grad = _official_grad(student, teacher, center, 5, 0.04, grad_output)
+    s = student.detach().clone().requires_grad_()
+    loss, _ = dino_loss_eager(s, teacher, center, 5, 0.1, 0.04)
+    loss.backward(torch.tensor(grad_output, dtype=loss.dtype))
+    assert rel_rms(loss.detach(), ref) <= LOSS_RTOL[dtype]
+    if grad_output == 0.0:
+        assert torch.count_nonzero(s.grad) == 0
+    else:
+        assert rel_rms(s.grad, ref_grad) <= GRAD_RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_retained_graph_gives_the_same_gradient_twice(dtype):
+    # the first backward hands over the gradient made in the forward; a second one through the
+    # retained graph must recompute it, not find it consumed or scaled in place
+    student, teacher, center = make_logits(2, 4, 65, dtype)
+    s = student.detach().clone().requires_grad_()
+    x = s * 1.0  # a non-leaf student output, as the head's in training
+    loss, _ = dino_loss_eager(x, teacher, center, 4, 0.1, 0.04)
+    (g1,) = torch.autograd.grad(loss * 2.0, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * 2.0, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, x)
+    _, ref_grad = _official_grad(student, teacher, center, 4, 0.04, 2.0)
+    assert rel_rms(g1, ref_grad) <= GRAD_RTOL[dtype]
+    torch.testing.assert_close(g2, g1, rtol=GRAD_RTOL[dtype], atol=0)
+    assert rel_rms(g3 * 2.0, ref_grad) <= GRAD_RTOL[dtype]
+
+
+def test_forward_without_gradient_gives_the_same_loss():
+    student, teacher, center = make_logits(4, 6, 257)
+    with torch.no_grad():
+        plain, _ = dino_loss_eager(student, teacher, center, 6, 0.1, 0.04)
+    with_grad, _ = dino_loss_eager(student.clone().requires_grad_(), teacher, center, 6, 0.1,
+                                   0.04)
+    assert torch.equal(plain, with_grad.detach())
+
+
 def test_center_after_n_steps_equals_independent_ema():
     torch.manual_seed(1)
     K, ncrops, B, m = 31, 4, 3, 0.9
