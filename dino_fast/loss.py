@@ -105,6 +105,8 @@ class _DINOLossEager(torch.autograd.Function):
     and is stored in the compute dtype (fp32/fp64), the same p becomes dL/dS_v at once, written
     into the gradient tensor, so the backward only hands it over (scaled by grad_output unless
     that is 1): S is read once per step instead of twice, and no (B, K) tensor exists per pair.
+    The price: the gradient (the size of S) is held from the forward until the backward (or
+    until the graph is freed), where the official formulation holds one log_softmax per pair.
     Low-precision students (bf16/fp16) get their gradient in the backward instead, from p
     recomputed in fp32 and scaled by grad_output before rounding: fp16 cannot hold the unscaled
     gradient (~1e-7, below its normal range), which is why a loss scaler multiplies it.
