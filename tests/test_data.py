@@ -74,6 +74,22 @@ def test_procedural_nuisances_do_not_give_the_class_away():
     assert np.abs(per_class - means.mean(0)).max() < 0.1  # ... and not across classes
 
 
+def test_procedural_shapes_stand_out_from_a_muted_background():
+    """Each image: the shape copies far brighter or darker than the background (both polarities
+    occur), colours close to grey (the tint is at most 0.1 a channel, plus noise)."""
+    ds = ProceduralShapes("train", num_samples=40)
+    polarities = set()
+    for i in range(40):
+        rgb = np.asarray(ds[i][0], dtype=np.float64) / 255
+        lum = rgb @ np.array([0.299, 0.587, 0.114])
+        lo, hi = np.percentile(lum, [10, 90])
+        assert hi - lo > 0.3, i
+        assert np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean() < 0.12, i
+        # the shapes cover less than half the image: the minority brightness is the shape's
+        polarities.add(bool(np.mean(lum > (lo + hi) / 2) < 0.5))
+    assert polarities == {True, False}
+
+
 def test_procedural_applies_the_transform_and_rejects_bad_arguments():
     ds = ProceduralShapes("train", num_samples=4, transform=lambda im: np.asarray(im).shape)
     assert ds[0] == ((32, 32, 3), 0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from dino_fast import knn, train
 from dino_fast.checkpoint import load_checkpoint
@@ -249,3 +250,22 @@ def test_time_budget_stops_between_epochs_and_the_run_can_be_resumed(tmp_path, c
     assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
     resumed = run(tmp_path, "--resume", "--knn_before", "false", "--attention_images", "0")
     assert (resumed["start_epoch"], resumed["epochs_trained"]) == (1, 2)
+
+
+def test_defaults_depend_on_the_data_set_and_flags_win(tmp_path):
+    parser = train.get_args_parser()
+    demo = parser.parse_args(["--output_dir", str(tmp_path / "a")])
+    train.validate_args(demo, parser)
+    assert (demo.embed_dim, demo.num_heads, demo.epochs) == (96, 3, 30)  # the quick CPU demo
+    assert (demo.train_samples, demo.knn_train_samples, demo.knn_test_samples) == (2000, 2000, 1000)
+    folder = tmp_path / "images" / "cls"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "0.png")
+    real = parser.parse_args(["--output_dir", str(tmp_path / "b"),
+                              "--data_path", str(tmp_path / "images")])
+    train.validate_args(real, parser)
+    assert (real.embed_dim, real.num_heads, real.epochs, real.train_samples) == (0, 0, 10, 0)
+    chosen = parser.parse_args(["--output_dir", str(tmp_path / "c"), "--embed_dim", "0",
+                                "--num_heads", "0", "--epochs", "5"])
+    train.validate_args(chosen, parser)
+    assert (chosen.embed_dim, chosen.num_heads, chosen.epochs) == (0, 0, 5)
