@@ -99,52 +99,60 @@ class _DINOLossEager(torch.autograd.Function):
     """Eager loss with the closed-form gradient (see the module docstring), one crop at a time.
 
     Per student crop v, in the compute dtype: y = S_v / tau_s, p = softmax(y) (torch's fused row
-    kernel), the row log-sum-exp from the row maxima (lse = max y - log max p, as the largest p is
-    exp(0) / sum exp(y - max y) >= 1/K: no underflow), and <Q_v, y> for the loss
-    sum_v [m_v * sum_b lse_vb - sum_b <Q_vb, y_vb>] / (|P| B). When the student needs a gradient
+    kernel), and a row's term -<Q, log p> from the row maxima: log p = (y - max y) + log max p,
+    as the largest p is exp(0) / sum exp(y - max y) >= 1/K (no underflow), so the term is
+    -<Q, y - max y> - (sum_k Q_k) log max p, two non-negative parts: no cancellation, however
+    large the logits (lse and <Q, y> apart would cancel when the student agrees with a peaked
+    teacher). When the student needs a gradient
     and is stored in the compute dtype (fp32/fp64), the same p becomes dL/dS_v at once, written
     into the gradient tensor, so the backward only hands it over (scaled by grad_output unless
     that is 1): S is read once per step instead of twice, and no (B, K) tensor exists per pair.
     The price: the gradient (the size of S) is held from the forward until the backward (or
-    until the graph is freed), where the official formulation holds one log_softmax per pair.
+    until the graph is freed), where the official formulation holds one log_softmax per pair;
+    it is kept on ctx, not saved with save_for_backward, so saved-tensor hooks (save_on_cpu)
+    do not see it. Whether to build it is decided by the caller (grad mode on and the student
+    requiring grad), as needs_input_grad is also true under no_grad.
     Low-precision students (bf16/fp16) get their gradient in the backward instead, from p
     recomputed in fp32 and scaled by grad_output before rounding: fp16 cannot hold the unscaled
     gradient (~1e-7, below its normal range), which is why a loss scaler multiplies it.
-    Temporaries are (B, K) work buffers allocated once per call and reused by every crop.
+    Temporaries: a (B, K) work buffer or two allocated once per call and reused by every crop,
+    and the three distinct Q_v (scaled for the gradient when it is built in the forward).
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, center, ncrops, student_temp, teacher_temp):
+    def forward(ctx, student, teacher, center, ncrops, student_temp, teacher_temp,
+                grad_in_forward):
         G, V = N_GLOBAL_CROPS, ncrops
         B, K = student.shape[0] // V, student.shape[1]
         cdt = compute_dtype(student, teacher)
         q = torch.softmax((teacher.to(cdt) - center.to(cdt)) / teacher_temp, dim=-1).view(G, B, K)
         pair_q = _paired_teacher_probs(q)
+        pair_q_rows = _paired_teacher_probs(q.sum(dim=-1))  # (B,) each: 1 up to rounding
         crops = student.view(V, B, K)
         m_global, m_local = crop_multiplicities(V)
         scale = 1.0 / (num_pairs(V) * B * student_temp)  # dL/dS at grad_output = 1
         grad = None
-        if ctx.needs_input_grad[0] and student.dtype == cdt:
+        if grad_in_forward and student.dtype == cdt:
             grad = torch.empty((V, B, K), dtype=cdt, device=student.device)
             neg_q = [t * -scale for t in pair_q]
         y = torch.empty((B, K), dtype=cdt, device=student.device)
         p = None if grad is not None else torch.empty_like(y)
-        lse_sum = torch.zeros((), dtype=cdt, device=student.device)
-        dot_sum = torch.zeros((), dtype=cdt, device=student.device)
+        total = torch.zeros((), dtype=cdt, device=student.device)
         for v in range(V):
             m = m_global if v < G else m_local
             Q = pair_q[min(v, G)]
             y = _scaled_crop(crops[v], student_temp, y)
             p_v = grad[v] if grad is not None else p
             torch.ops.aten._softmax.out(y, -1, False, out=p_v)
-            # lse = max y - log max p: the largest p is exp(0) / sum exp(y - max y)
-            lse_sum += m * (torch.amax(y, dim=-1) - torch.log(torch.amax(p_v, dim=-1))).sum()
-            # row dots then their sum: torch.dot over all B*K terms goes to BLAS, whose fp32
-            # dot (MKL on an AMD EPYC) was 8e-6 off over 2M terms, vecdot 1e-7
-            dot_sum += torch.linalg.vecdot(Q, y, dim=-1).sum()
+            # -<Q, log p> = -<Q, y - max y> - (sum_k Q_k) log max p. Row dots, then their sum:
+            # torch.dot over all B*K terms goes to BLAS, whose fp32 dot (MKL on an AMD EPYC)
+            # was 8e-6 off over 2M terms, vecdot 1e-7
+            y.sub_(torch.amax(y, dim=-1, keepdim=True))
+            total -= (torch.linalg.vecdot(Q, y, dim=-1)
+                      + pair_q_rows[min(v, G)] * torch.log(torch.amax(p_v, dim=-1))).sum()
             if grad is not None:  # dL/dS_v = (m p - Q_v) * scale, in place
                 torch.add(neg_q[min(v, G)], p_v, alpha=m * scale, out=p_v)
-        loss = (lse_sum - dot_sum) / (num_pairs(V) * B)
+        loss = total / (num_pairs(V) * B)
         ctx.save_for_backward(student, q)
         ctx.ncrops, ctx.student_temp = V, student_temp
         ctx.grad = grad  # handed over by the first backward (a retained graph recomputes it)
@@ -160,9 +168,9 @@ class _DINOLossEager(torch.autograd.Function):
             # on CPU reading grad_loss costs nothing; elsewhere scale without a host sync
             if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
                 grad.mul_(grad_loss.to(grad.dtype))
-            return grad.view(student.shape), None, None, None, None, None
+            return grad.view(student.shape), None, None, None, None, None, None
         return _recompute_grad(student, q, V, ctx.student_temp, grad_loss), \
-            None, None, None, None, None
+            None, None, None, None, None, None
 
 
 def _recompute_grad(student, q, V, tau_s, grad_loss):
@@ -205,8 +213,9 @@ def dino_loss_eager(student_output: torch.Tensor, teacher_output: torch.Tensor,
     check_loss_inputs(student_output, teacher_output, center, ncrops,
                       student_temp=student_temp, teacher_temp=teacher_temp)
     teacher = teacher_output.detach()
+    grad_in_forward = torch.is_grad_enabled() and student_output.requires_grad
     loss = _DINOLossEager.apply(student_output, teacher, center.detach(), ncrops,
-                                float(student_temp), float(teacher_temp))
+                                float(student_temp), float(teacher_temp), grad_in_forward)
     row_sum = torch.sum(teacher, dim=0, dtype=torch.float32)
     return loss, row_sum
 
