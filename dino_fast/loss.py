@@ -103,10 +103,10 @@ class _DINOLossEager(torch.autograd.Function):
     as the largest p is exp(0) / sum exp(y - max y) >= 1/K (no underflow), so the term is
     -<Q, y - max y> - (sum_k Q_k) log max p, two non-negative parts: no cancellation, however
     large the logits (lse and <Q, y> apart would cancel when the student agrees with a peaked
-    teacher). When the student needs a gradient
-    and is stored in the compute dtype (fp32/fp64), the same p becomes dL/dS_v at once, written
-    into the gradient tensor, so the backward only hands it over (scaled by grad_output unless
-    that is 1): S is read once per step instead of twice, and no (B, K) tensor exists per pair.
+    teacher). When the student needs a gradient and is stored in the compute dtype (fp32/fp64),
+    the same p becomes dL/dS_v at once, written into the gradient tensor, so the backward only
+    hands it over (scaled by grad_output unless that is 1): S is read once per step instead of
+    twice, and no (B, K) tensor exists per pair.
     The price: the gradient (the size of S) is held from the forward until the backward (or
     until the graph is freed), where the official formulation holds one log_softmax per pair;
     it is kept on ctx, not saved with save_for_backward, so saved-tensor hooks (save_on_cpu)
