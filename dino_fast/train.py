@@ -136,9 +136,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     # * Training/Optimization parameters
     p = parser.add_argument_group("training and optimisation")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="mixed precision of the forward passes on CUDA: bf16 (auto's choice on "
-                        "CUDA), fp16 (with a gradient scaler) or fp32 (auto's choice on CPU). "
-                        "Use fp32 if the loss becomes unstable.")
+                   help="mixed precision of the forward passes: bf16 (auto's choice on CUDA), "
+                        "fp16 (with a gradient scaler) or fp32 (auto's choice on CPU). bf16/fp16 "
+                        "also run on the CPU (torch's CPU autocast), usually slower than fp32 "
+                        "there: for checking the mixed-precision path without a GPU. Use fp32 if "
+                        "the loss becomes unstable.")
     p.add_argument("--weight_decay", default=0.04, type=float,
                    help="initial weight decay (cosine schedule to --weight_decay_end); biases "
                         "and norms are never decayed")
@@ -303,9 +305,6 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was requested but CUDA is not available; use --device cpu")
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.precision in ("bf16", "fp16") and not on_cuda:
-        fail(f"--precision {args.precision} needs CUDA; on the CPU training runs in fp32 "
-             f"(--precision fp32 or auto)")
     if args.precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
         fail("this GPU does not support bf16: use --precision fp16 or fp32")
     if args.backend == "triton":
@@ -345,13 +344,19 @@ def resume_path(args) -> Path:
     return Path(args.output_dir, "checkpoint.pth") if args.resume == "auto" else Path(args.resume)
 
 
-def check_resume_compatible(saved: dict, args) -> None:
-    """The networks of a checkpoint must have the shapes this run builds."""
+def check_resume_compatible(ckpt: dict, args, needs_scaler: bool) -> None:
+    """The networks of a checkpoint must have the shapes this run builds, and an fp16 run needs
+    the gradient scaler's state."""
+    saved = ckpt["args"]
     diff = [f"--{k} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r} (now)"
             for k in MODEL_ARGS if k in saved and _norm(saved[k]) != _norm(getattr(args, k))]
     if diff:
         raise SystemExit("error: --resume: the checkpoint was trained with other model settings: "
                          + "; ".join(diff) + ". Pass the checkpoint's values.")
+    if needs_scaler and ckpt.get("scaler") is None:
+        raise SystemExit(f"error: --resume: this run uses --precision fp16, whose gradient scaler "
+                         f"the checkpoint has no state for (it was trained with --precision "
+                         f"{saved.get('precision')}): resume with that precision")
 
 
 def _norm(v):
@@ -509,7 +514,7 @@ def train_dino(args) -> dict:
 
     # ============ preparing optimizer ... ============
     optimizer = build_optimizer(args.optimizer, get_params_groups(student))
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     # ============ init schedulers ... ============
     iters = len(data_loader)
@@ -525,7 +530,7 @@ def train_dino(args) -> dict:
     log = JsonlLog(output_dir / "log.jsonl", enabled=main_process)
     if args.resume is not None:
         ckpt = load_checkpoint(resume_path(args))
-        check_resume_compatible(ckpt["args"], args)
+        check_resume_compatible(ckpt, args, needs_scaler=scaler is not None)
         start_epoch = restore_training_state(ckpt, student=student, teacher=teacher,
                                              optimizer=optimizer, dino_loss=dino_loss,
                                              scaler=scaler)

@@ -157,8 +157,6 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     (["--global_crops_scale", "0.8", "0.3"], "0 < min <= max <= 1"),
     (["--lr", "0"], "--lr must be positive"),
     (["--resume"], "no checkpoint at"),
-    pytest.param(["--precision", "bf16"], "needs CUDA",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")),
 ])
 def test_bad_flags_are_rejected_before_any_work(tmp_path, capsys, flags, message):
     out = tmp_path / "out"
@@ -167,6 +165,74 @@ def test_bad_flags_are_rejected_before_any_work(tmp_path, capsys, flags, message
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()  # nothing was started
+
+
+def test_fp16_with_its_gradient_scaler_trains_and_resumes_bit_for_bit(tmp_path):
+    """The CUDA default path (autocast, GradScaler, unscale before clipping, the scaler in the
+    checkpoint) runs the same on the CPU with --precision fp16."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--precision", "fp16", "--knn_before", "false", "--attention_images", "0"]
+    result = run(full, *common)
+    assert math.isfinite(result["knn_after"]["knn_top1"])
+    ckpt = load_checkpoint(full / "checkpoint.pth")
+    assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
+    assert all(torch.isfinite(v).all() for v in state_tensors(ckpt).values())
+    assert all(v.dtype == torch.float32 for v in ckpt["student"].values()
+               if v.is_floating_point())  # autocast: fp32 master weights
+    losses = [r["loss"] for r in read_log(full) if r["type"] == "step"]
+    assert all(math.isfinite(x) for x in losses)
+
+    resumed.mkdir()
+    shutil.copy(full / "checkpoint0001.pth", resumed / "checkpoint.pth")
+    assert run(resumed, *common, "--resume")["start_epoch"] == 1
+    b = load_checkpoint(resumed / "checkpoint.pth")
+    assert b["scaler"] == ckpt["scaler"]
+    a, b = state_tensors(ckpt), state_tensors(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+    # an fp32 checkpoint has no scaler state: resuming it in fp16 says so
+    other = tmp_path / "other"
+    run(other, "--epochs", "1", "--warmup_epochs", "0", "--knn_before", "false",
+        "--attention_images", "0")
+    with pytest.raises(SystemExit, match="--precision fp16, whose gradient scaler .* "
+                                         "trained with --precision auto"):
+        run(other, *common, "--resume")
+
+
+def test_bf16_autocast_training_follows_the_fp32_run(tmp_path, tiny_run):
+    out = tmp_path / "bf16"
+    result = run(out, "--precision", "bf16", "--attention_images", "0")
+    assert load_checkpoint(out / "checkpoint.pth")["scaler"] is None  # bf16 needs no scaler
+    assert math.isfinite(result["knn_after"]["knn_top1"])
+    fp32 = [r["loss"] for r in read_log(tiny_run[0]) if r["type"] == "step"]
+    bf16 = [r["loss"] for r in read_log(out) if r["type"] == "step"]
+    # same seed, same crops: the first step's loss agrees to bf16 precision (8 mantissa bits)
+    assert bf16[0] == pytest.approx(fp32[0], rel=2e-2)
+    assert bf16[0] != fp32[0]  # and autocast was on
+
+
+def test_compiled_vits_train_with_one_graph_per_resolution(tmp_path, tiny_run, monkeypatch):
+    """--compile (the CUDA default) on the CPU, with dynamo's aot_eager backend so the test
+    traces the graphs without waiting for inductor's code generation."""
+    from torch._dynamo.testing import CompileCounter
+
+    from dino_fast import models
+    counter = CompileCounter()
+    monkeypatch.setattr(train, "compile_backbone",
+                        lambda m: models.compile_backbone(m, backend=counter))
+    torch._dynamo.reset()
+    out = tmp_path / "compiled"
+    run(out, "--compile", "--attention_images", "2", "--knn_before", "false")
+    # student: global and local crops; teacher: global crops; k-NN and the attention maps
+    # bypass the compiled call, so two epochs add no recompilation
+    assert counter.frame_count == 3
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    eager = load_checkpoint(tiny_run[0] / "checkpoint.pth")
+    assert list(ckpt["student"]) == list(eager["student"])  # no `_orig_mod.` in the names
+    compiled_loss = [r["loss"] for r in read_log(out) if r["type"] == "step"]
+    eager_loss = [r["loss"] for r in read_log(tiny_run[0]) if r["type"] == "step"]
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
+    torch._dynamo.reset()
 
 
 def test_an_earlier_run_is_not_overwritten_without_resume(tiny_run, capsys):
