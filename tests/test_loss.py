@@ -123,6 +123,24 @@ def test_a_retained_graph_gives_the_same_gradient_twice(dtype):
     assert rel_rms(g3 * 2.0, ref_grad) <= GRAD_RTOL[dtype]
 
 
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_does_not_change_the_loss_or_its_gradient(dtype, amp_dtype):
+    # the training loop calls the loss inside autocast; on the CPU autocast would round the
+    # row dots to bf16/fp16 (CUDA's does not): the loss computes in its inputs' dtype either way
+    student, teacher, center = make_logits(4, 6, 257, dtype, teacher_scale=20.0)
+    results = []
+    for enabled in (False, True):
+        s = student.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=amp_dtype, enabled=enabled):
+            loss, _ = dino_loss_eager(s * 1.0, teacher, center, 6, 0.1, 0.04)
+            (grad,) = torch.autograd.grad(loss * 3.0, s)  # a backward inside autocast too
+        results.append((loss, grad))
+    (plain, plain_grad), (amp, amp_grad) = results
+    assert amp.dtype == plain.dtype and torch.equal(amp, plain)
+    assert torch.equal(amp_grad, plain_grad)
+
+
 def test_forward_without_gradient_gives_the_same_loss_and_builds_no_gradient(monkeypatch):
     student, teacher, center = make_logits(4, 6, 257)
     student.requires_grad_()

@@ -167,9 +167,13 @@ def test_bad_flags_are_rejected_before_any_work(tmp_path, capsys, flags, message
     assert not out.exists()  # nothing was started
 
 
-def test_fp16_with_its_gradient_scaler_trains_and_resumes_bit_for_bit(tmp_path):
-    """The CUDA default path (autocast, GradScaler, unscale before clipping, the scaler in the
-    checkpoint) runs the same on the CPU with --precision fp16."""
+def losses(output_dir):
+    return [r["loss"] for r in read_log(output_dir) if r["type"] == "step"]
+
+
+def test_fp16_with_its_gradient_scaler_trains_and_resumes_bit_for_bit(tmp_path, tiny_run):
+    """The fp16 path (autocast, GradScaler, the scaler in the checkpoint) runs the same on the
+    CPU as on CUDA."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = ["--precision", "fp16", "--knn_before", "false", "--attention_images", "0"]
     result = run(full, *common)
@@ -179,8 +183,12 @@ def test_fp16_with_its_gradient_scaler_trains_and_resumes_bit_for_bit(tmp_path):
     assert all(torch.isfinite(v).all() for v in state_tensors(ckpt).values())
     assert all(v.dtype == torch.float32 for v in ckpt["student"].values()
                if v.is_floating_point())  # autocast: fp32 master weights
-    losses = [r["loss"] for r in read_log(full) if r["type"] == "step"]
-    assert all(math.isfinite(x) for x in losses)
+    # the same crops as the fp32 run: the first loss (before any update) agrees to fp16
+    # precision, not exactly; then the scaler starts at 2^16, finds inf gradients, skips those
+    # steps and backs off, as on CUDA, so the runs part
+    fp16, fp32 = losses(full), losses(tiny_run[0])
+    assert fp16[0] == pytest.approx(fp32[0], rel=1e-2) and fp16[0] != fp32[0]
+    assert ckpt["scaler"]["scale"] < 2.0 ** 16
 
     resumed.mkdir()
     shutil.copy(full / "checkpoint0001.pth", resumed / "checkpoint.pth")
@@ -204,20 +212,21 @@ def test_bf16_autocast_training_follows_the_fp32_run(tmp_path, tiny_run):
     result = run(out, "--precision", "bf16", "--attention_images", "0")
     assert load_checkpoint(out / "checkpoint.pth")["scaler"] is None  # bf16 needs no scaler
     assert math.isfinite(result["knn_after"]["knn_top1"])
-    fp32 = [r["loss"] for r in read_log(tiny_run[0]) if r["type"] == "step"]
-    bf16 = [r["loss"] for r in read_log(out) if r["type"] == "step"]
-    # same seed, same crops: the first step's loss agrees to bf16 precision (8 mantissa bits)
-    assert bf16[0] == pytest.approx(fp32[0], rel=2e-2)
-    assert bf16[0] != fp32[0]  # and autocast was on
+    # same seed, same crops: every logged loss of the two epochs stays within a few bf16
+    # roundings (8 mantissa bits; 2.1 % apart at most after 8 steps) of fp32's, and the first
+    # differs from it (autocast was on)
+    bf16, fp32 = losses(out), losses(tiny_run[0])
+    assert bf16 == pytest.approx(fp32, rel=5e-2) and bf16[0] != fp32[0]
 
 
 def test_compiled_vits_train_with_one_graph_per_resolution(tmp_path, tiny_run, monkeypatch):
-    """--compile (the CUDA default) on the CPU, with dynamo's aot_eager backend so the test
-    traces the graphs without waiting for inductor's code generation."""
-    from torch._dynamo.testing import CompileCounter
+    """--compile (the CUDA default) on the CPU, with dynamo's aot_eager backend (forward and
+    backward graphs through AOTAutograd) so the test does not wait for inductor's code
+    generation."""
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     from dino_fast import models
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend("aot_eager")
     monkeypatch.setattr(train, "compile_backbone",
                         lambda m: models.compile_backbone(m, backend=counter))
     torch._dynamo.reset()
@@ -229,9 +238,7 @@ def test_compiled_vits_train_with_one_graph_per_resolution(tmp_path, tiny_run, m
     ckpt = load_checkpoint(out / "checkpoint.pth")
     eager = load_checkpoint(tiny_run[0] / "checkpoint.pth")
     assert list(ckpt["student"]) == list(eager["student"])  # no `_orig_mod.` in the names
-    compiled_loss = [r["loss"] for r in read_log(out) if r["type"] == "step"]
-    eager_loss = [r["loss"] for r in read_log(tiny_run[0]) if r["type"] == "step"]
-    assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
+    assert losses(out) == pytest.approx(losses(tiny_run[0]), rel=1e-4)
     torch._dynamo.reset()
 
 
