@@ -129,6 +129,7 @@ class DataAugmentationDINO:
 
     Randomness comes from torch's global stream: `torch.manual_seed(s)` reproduces the crops.
     """
+    crop_transform = CropTransform  # one crop's pipeline (the batched subclass swaps it)
 
     def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
                  local_crops_number: int = 8, global_size: int = 224, local_size: int = 96,
@@ -156,14 +157,14 @@ class DataAugmentationDINO:
         self.blur_radius = (lo, hi)
         common = dict(blur_radius=self.blur_radius, mean=mean, std=std)
         # first global crop: always blurred
-        self.global_transfo1 = CropTransform(global_size, global_crops_scale, blur_p=1.0,
-                                                  **common)
+        self.global_transfo1 = self.crop_transform(global_size, global_crops_scale, blur_p=1.0,
+                                                   **common)
         # second global crop: rarely blurred, sometimes solarized
-        self.global_transfo2 = CropTransform(global_size, global_crops_scale, blur_p=0.1,
-                                                  solarize_p=0.2, **common)
+        self.global_transfo2 = self.crop_transform(global_size, global_crops_scale, blur_p=0.1,
+                                                   solarize_p=0.2, **common)
         # small crops
-        self.local_transfo = CropTransform(local_size, local_crops_scale, blur_p=0.5,
-                                                **common)
+        self.local_transfo = self.crop_transform(local_size, local_crops_scale, blur_p=0.5,
+                                                 **common)
 
     @property
     def ncrops(self) -> int:

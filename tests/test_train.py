@@ -96,9 +96,11 @@ def test_knn_on_a_checkpoint_reproduces_the_final_figure_of_training(tiny_run):
     assert alone["knn_top5"] == result["knn_after"]["knn_top5"]
 
 
-def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("augmentation", ["pil", "batched"])
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, augmentation):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    common = ["--num_workers", "1", "--knn_before", "false", "--attention_images", "0"]
+    common = ["--num_workers", "1", "--knn_before", "false", "--attention_images", "0",
+              "--augmentation", augmentation]
     run(full, *common)
     # an interrupted run: what the first run held after its first epoch
     resumed.mkdir()
@@ -300,6 +302,11 @@ def test_collapse_warnings():
         .startswith("possible collapse to a uniform output")
     assert collapse_warning(0.01, 0.01, 0.02, k).startswith("possible collapse to one dimension")
     assert collapse_warning(3.0, 1.0, 3.5, k) is None  # sharp per image, many prototypes used
+    # a loss near ln(K) with a teacher far from uniform is a student still catching up (the
+    # CIFAR-10 runs' epochs 2-5); the stalled run's figures do warn
+    assert collapse_warning(0.91 * math.log(k), 0.84 * math.log(k), 0.92 * math.log(k), k) is None
+    assert collapse_warning(0.955 * math.log(k), 0.91 * math.log(k), 0.95 * math.log(k), k) \
+        .startswith("possible collapse to a uniform output")
     # the first epoch starts at ln(K): only the one-dimension test applies
     assert collapse_warning(math.log(k), 4.0, 4.1, k, check_uniform=False) is None
 
@@ -323,6 +330,24 @@ def test_time_budget_stops_between_epochs_and_the_run_can_be_resumed(tmp_path, c
     assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
     resumed = run(tmp_path, "--resume", "--knn_before", "false", "--attention_images", "0")
     assert (resumed["start_epoch"], resumed["epochs_trained"]) == (1, 2)
+
+
+def test_batched_augmentation_needs_images_of_one_size(tmp_path, capsys):
+    root = tmp_path / "images"
+    for i, size in enumerate([(16, 16), (16, 16), (20, 12)]):
+        folder = root / "train" / f"c{i}"
+        folder.mkdir(parents=True)
+        Image.new("RGB", size).save(folder / "0.png")
+    (root / "test").mkdir()
+    shutil.copytree(root / "train" / "c0", root / "test" / "c0")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        run(out, "--data_path", str(root), "--augmentation", "batched")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--augmentation batched needs training images of one size" in err
+    assert "16x16, 20x12" in err
+    assert not out.exists()
 
 
 def test_defaults_depend_on_the_data_set_and_flags_win(tmp_path):
