@@ -3,25 +3,27 @@
 `DataAugmentationDINO` (augmentation.py) is the official per-image PIL pipeline: about 2.3 ms per
 image on one CPU core for 2 + 4 crops at CIFAR size (32 / 16 px), as much as the ViT's step there.
 `BatchedDataAugmentationDINO` draws the same random parameters from the same distributions and
-applies the same operations with one tensor call per operation for the whole batch:
+applies the same operations to the whole batch at once, a few tensor calls per operation:
 
     random-resized crop (torchvision's sampler: 10 tries, then a centre crop) and horizontal flip
-        -> one affine grid per image and one bicubic `grid_sample`;
+        -> PIL's antialiased bicubic resampling of the crop (its filter, support and
+        renormalisation at the crop's border) as two batched matrix products, one per axis;
     colour jitter p=0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1; each image its
-        own random order), grayscale p=0.2, Gaussian blur (per-image standard deviation, one
-        grouped separable convolution), solarization (threshold 128/255), normalisation.
+        own random order, torchvision's formulas), grayscale p=0.2, Gaussian blur (PIL's: three
+        box-blur passes per axis with a fractional radius, per-image standard deviation),
+        solarization (threshold 128/255), normalisation.
 
-Input: (B, 3, H, W) uint8 (0..255) or floating (0..1) images, all of one size (CIFAR, the
-procedural data). Output: 2 + local_crops_number float32 batches, crop-major as `collate_crops`
-gives them, on the input's device. Randomness comes from a `torch.Generator` (CPU) that the
-caller seeds: the same generator state gives the same crops on any device.
+Input: (B, 3, H, W) uint8 (0..255) or floating images in [0, 1] (a float batch in 0..255 is
+not detected and saturates), all of one size (CIFAR, the procedural data). Output:
+2 + local_crops_number float32 batches, crop-major as `collate_crops` gives them, on the input's
+device. Randomness comes from a `torch.Generator` (CPU) that the caller seeds: the same generator
+state draws the same crop parameters on any device (pixels then agree to float rounding). The
+parameters are drawn on the CPU and copied without waiting (`non_blocking`), so on CUDA the
+augmentation does not synchronise with the GPU.
 
-Differences from the PIL pipeline, by design: the crop is sampled from the whole image with
-bicubic weights (PIL's crop-then-resize clamps at the crop's border; only the outermost output
-pixels can differ); values stay float between operations (PIL rounds to uint8 after each); and
-there is no antialiasing, so crops that shrink the source by more than about 1.5x alias (at CIFAR
-size global crops are enlarged and local crops shrunk by at most 1.25x; feed large images
-resized close to the crop size).
+The one difference from the PIL pipeline: values stay float between operations, where PIL and
+torchvision's PIL kernels round to uint8 after each (about 1/255 per operation; see
+`resized_crops` for the resize's intermediate clipping).
 """
 from __future__ import annotations
 
@@ -36,6 +38,16 @@ from dino_fast.augmentation import (COLOR_JITTER_P, FLIP_P, GRAYSCALE_P, SOLARIZ
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A CPU parameter tensor on `like`'s device and dtype, copied without a host sync."""
+    return t.to(like.device, like.dtype, non_blocking=True)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU index or mask tensor on `device`, copied without a host sync."""
+    return t.to(device, non_blocking=True)
 
 
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
@@ -81,27 +93,61 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float],
     return torch.stack([top, left, h, w], dim=1)
 
 
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    """PIL's bicubic filter (a = -0.5), support 2."""
+    x = x.abs()
+    near = ((1.5 * x - 2.5) * x) * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * -0.5
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int,
+                     out_size: int) -> torch.Tensor:
+    """(N, out_size, in_size) float64 weights of PIL's bicubic resize of pixels
+    [start, start + length) of an axis of in_size pixels to out_size pixels, as PIL resizes a
+    crop: output pixel i centred at (i + 0.5) * length / out_size in the crop, the filter
+    stretched by the shrink factor when shrinking (antialiasing), taps limited to the crop and
+    each row renormalised to sum 1 (PIL's precompute_coeffs). start, length: (N,) integers."""
+    start, length = start.to(torch.float64), length.to(torch.float64)
+    scale = length / out_size
+    filterscale = scale.clamp(min=1.0)
+    support = 2.0 * filterscale
+    center = (torch.arange(out_size, dtype=torch.float64)[None, :] + 0.5) * scale[:, None]
+    first = torch.floor(center - support[:, None] + 0.5).clamp(min=0)
+    end = torch.minimum(torch.floor(center + support[:, None] + 0.5), length[:, None])
+    src = torch.arange(in_size, dtype=torch.float64)[None, None, :] - start[:, None, None]
+    taps = (src >= first[..., None]) & (src < end[..., None])
+    w = _bicubic((src - center[..., None] + 0.5) / filterscale[:, None, None]) * taps
+    total = w.sum(-1, keepdim=True)
+    return w / torch.where(total == 0, torch.ones_like(total), total)
+
+
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
                   flip: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Crop box b of image b (top, left, h, w in pixels), resize it to size x size bicubically
-    (output pixel centres sampled at their place in the box, as `interpolate` with
-    align_corners=False) and mirror it where flip[b]; values clamped to [0, 1].
-    images: (B, C, H, W) floating; boxes: (B, 4) as `sample_crop_boxes` returns."""
-    b, _, height, width = images.shape
-    boxes = boxes.to(torch.float64)
+    """Crop box n of image n % B (top, left, h, w in pixels), resize it to size x size as PIL
+    resizes that crop with its antialiased bicubic filter, computed in float (PIL's mode "F":
+    both passes, then one clamp to [0, 1]), and mirror it where flip[n]. images: (B, C, H, W)
+    floating; boxes: (R * B, 4) CPU integers as `sample_crop_boxes` returns (R crops of each
+    image); flip: (R * B,) CPU booleans. Returns (R * B, C, size, size).
+
+    PIL's 8-bit path also rounds and clips between its two passes (which pass comes first
+    depends on the Pillow version and the sizes): that moves pixels by about 1/255, and by up
+    to a few percent on the few where a bicubic overshoot at a hard edge was clipped."""
+    b, c, height, width = images.shape
+    n = boxes.shape[0]
+    if n % b:
+        raise ValueError(f"boxes must hold a whole number of crops per image: {n} boxes for "
+                         f"{b} images")
     top, left, h, w = boxes.unbind(1)
-    sx = w / width
-    if flip is not None:
-        sx = torch.where(flip.to(torch.bool).cpu(), -sx, sx)
-    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = sx
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = F.affine_grid(theta.to(images.device, images.dtype), [b, 1, size, size],
-                         align_corners=False)
-    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return out.clamp_(0, 1)
+    wx = resample_weights(left, w, width, size)   # (N, size, W)
+    wy = resample_weights(top, h, height, size)   # (N, size, H)
+    if flip is not None:  # mirrored output columns
+        wx = torch.where(flip.to(torch.bool)[:, None, None], wx.flip(1), wx)
+    wx = _to(wx, images).view(n // b, b, size, width)
+    wy = _to(wy, images).view(n // b, b, size, height)
+    x = torch.einsum("bchw,rbtw->rbcht", images, wx)
+    x = torch.einsum("rbsh,rbcht->rbcst", wy, x).clamp_(0, 1)
+    return x.reshape(n, c, size, size)
 
 
 # Photometric operations on (B, 3, H, W) float images in [0, 1], one factor per image, with the
@@ -115,12 +161,12 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.view(-1, 1, 1, 1).to(x.dtype)
+    f = _to(factor, x).view(-1, 1, 1, 1)
     return (f * x + (1 - f) * other).clamp_(0, 1)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * factor.view(-1, 1, 1, 1).to(x.dtype)).clamp_(0, 1)
+    return (x * _to(factor, x).view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -146,7 +192,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
     hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
     h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + factor.view(-1, 1, 1).to(x.dtype), 1.0)
+    h = torch.remainder(h + _to(factor, x).view(-1, 1, 1), 1.0)
     # HSV -> RGB: sector i of the hue picks each channel among (v, p, q, t)
     v = maxc
     h6 = h * 6.0
@@ -156,32 +202,61 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
     t = (v * (1.0 - s + s * f)).clamp(0.0, 1.0)
     vpqt = torch.stack((v, p, q, t), dim=1)  # (B, 4, H, W)
-    select = _HSV_SELECT.to(x.device)[:, i.long().remainder(6)]  # (3, B, H, W)
+    select = _hsv_select(x.device)[:, i.long().remainder(6)]  # (3, B, H, W)
     return vpqt.gather(1, select.transpose(0, 1))
 
 
 # channel r, g, b of hue sector 0..5 as an index into (v, p, q, t)
 _HSV_SELECT = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]])
+_HSV_SELECT_ON = {}
+
+
+def _hsv_select(device: torch.device) -> torch.Tensor:
+    if device not in _HSV_SELECT_ON:  # copied once per device
+        _HSV_SELECT_ON[device] = _HSV_SELECT.to(device)
+    return _HSV_SELECT_ON[device]
 
 
 def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD / 255) -> torch.Tensor:
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
+BLUR_PASSES = 3  # PIL's GaussianBlur: three box blurs per axis
+
+
+def box_blur_radius(sigma: torch.Tensor, passes: int = BLUR_PASSES) -> torch.Tensor:
+    """The fractional box radius whose `passes` box blurs have variance sigma ** 2 (PIL's
+    _gaussian_blur_radius, after Gwosdek et al. 2011)."""
+    s2 = sigma.to(torch.float64) ** 2 / passes
+    length = torch.sqrt(12.0 * s2 + 1.0)
+    whole = torch.floor((length - 1.0) / 2.0)
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * s2) / (6 * (s2 - (whole + 1) ** 2))
+    return whole + frac
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Blur image b with a Gaussian of standard deviation sigma[b] pixels (> 0): separable, kernel
-    radius ceil(3 max sigma) (at most side - 1), reflected borders, as torchvision's
-    gaussian_blur with that kernel size; one multiply-add per tap and direction."""
-    b, c, height, width = x.shape
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
-    radius = min(radius, height - 1, width - 1)  # reflect padding needs radius < side
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps[None, :] / sigma.to(x.device, x.dtype)[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).view(b, 1, 1, 1, -1)
-    y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    x = sum(kernel[..., k] * y[..., k:k + width] for k in range(2 * radius + 1))
-    y = F.pad(x, (0, 0, radius, radius), mode="reflect")
-    return sum(kernel[..., k] * y[..., k:k + height, :] for k in range(2 * radius + 1))
+    """PIL's GaussianBlur(radius=sigma[b]) of image b (sigma > 0, a CPU tensor): per axis, three
+    passes of a box blur of fractional radius r (weight 1 / (2r + 1) on the int(r) pixels each
+    side and the centre, the remainder split between the next pixel on either side), edges
+    replicated, horizontal passes first."""
+    b, _, height, width = x.shape
+    r = box_blur_radius(sigma)
+    whole = torch.floor(r)
+    inner = 1.0 / (2 * r + 1)
+    outer = (1.0 - (2 * whole + 1) * inner) / 2
+    reach = int(whole.max()) + 1
+    offsets = torch.arange(-reach, reach + 1, dtype=torch.float64).abs()[None, :]
+    kernel = torch.where(offsets <= whole[:, None], inner[:, None],
+                         torch.where(offsets == whole[:, None] + 1, outer[:, None],
+                                     torch.zeros(())))
+    kernel = _to(kernel, x).view(b, 1, 1, 1, -1)
+    for _ in range(BLUR_PASSES):
+        y = F.pad(x, (reach, reach, 0, 0), mode="replicate")
+        x = sum(kernel[..., k] * y[..., k:k + width] for k in range(2 * reach + 1))
+    for _ in range(BLUR_PASSES):
+        y = F.pad(x, (0, 0, reach, reach), mode="replicate")
+        x = sum(kernel[..., k] * y[..., k:k + height, :] for k in range(2 * reach + 1))
+    return x
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -196,7 +271,6 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, order: torch.Tensor,
     At each of the 4 positions every image applies the operation its order puts there, the others
     get that operation's identity factor (exact for brightness, contrast and saturation); hue,
     whose HSV round trip is not exact, runs on the images that apply it only."""
-    dev = x.device
     for position in range(4):
         for op in range(4):
             chosen = apply & (order[:, position] == op)
@@ -204,26 +278,29 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, order: torch.Tensor,
                 continue
             if op == 3:
                 idx = torch.nonzero(chosen)[:, 0]
-                x[idx.to(dev)] = adjust_hue(x[idx.to(dev)], factors[3][idx].to(dev))
+                rows = _on(idx, x.device)
+                x[rows] = adjust_hue(x[rows], factors[3][idx])
             else:
-                factor = torch.where(chosen, factors[op], torch.ones(()))
-                x = _JITTER_OPS[op](x, factor.to(dev))
+                x = _JITTER_OPS[op](x, torch.where(chosen, factors[op], torch.ones(())))
     return x
 
 
 class BatchedCropTransform(CropTransform):
     """One DINO crop of every image of a batch: the batched counterpart of `CropTransform`, with
-    the same arguments. Call: (images (B, 3, H, W) float in [0, 1], generator) -> normalised
-    float32 (B, 3, size, size). Probabilities are attributes (flip_p, jitter_p, grayscale_p,
-    blur_p, solarize_p) so that tests can switch operations on and off."""
+    the same arguments. Call: (images (B, 3, H, W) float in [0, 1], generator, repeats=1) ->
+    normalised float32 (repeats * B, 3, size, size); row r * B + b is the r-th independent crop of
+    image b. Probabilities are attributes (flip_p, jitter_p, grayscale_p, blur_p, solarize_p) so
+    that tests can switch operations on and off."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.flip_p, self.jitter_p, self.grayscale_p = FLIP_P, COLOR_JITTER_P, GRAYSCALE_P
+        self._stats = {}  # (mean, std) tensors per device and dtype
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n, _, height, width = images.shape
-        dev = images.device
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 repeats: int = 1) -> torch.Tensor:
+        b, _, height, width = images.shape
+        n, dev = repeats * b, images.device
 
         def coin(p: float) -> torch.Tensor:  # always drawn, so the stream does not depend on p
             return torch.rand(n, generator=generator) < p
@@ -236,21 +313,24 @@ class BatchedCropTransform(CropTransform):
         factors = [_uniform(n, lo, hi, generator).float() for lo, hi in self._jitter_ranges]
         x = color_jitter(x, jitter, order, factors)
 
-        gray = coin(self.grayscale_p).to(dev).view(-1, 1, 1, 1)
+        gray = _on(coin(self.grayscale_p), dev).view(-1, 1, 1, 1)
         x = torch.where(gray, grayscale(x).expand_as(x), x)
 
         blur = coin(self.blur_p)
         sigma = _uniform(n, *self.blur_radius, generator).float()
         idx = torch.nonzero(blur & (sigma > 0))[:, 0]
         if len(idx):
-            idx_d = idx.to(dev)
-            x[idx_d] = gaussian_blur(x[idx_d], sigma[idx])
+            rows = _on(idx, dev)
+            x[rows] = gaussian_blur(x[rows], sigma[idx])
 
-        sol = coin(self.solarize_p).to(dev).view(-1, 1, 1, 1)
+        sol = _on(coin(self.solarize_p), dev).view(-1, 1, 1, 1)
         x = torch.where(sol, solarize(x), x)
 
-        mean = torch.tensor(self.mean, device=dev, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=dev, dtype=x.dtype).view(1, 3, 1, 1)
+        key = (dev, x.dtype)
+        if key not in self._stats:
+            self._stats[key] = tuple(torch.tensor(v, dtype=x.dtype).view(1, 3, 1, 1).to(dev)
+                                     for v in (self.mean, self.std))
+        mean, std = self._stats[key]
         return (x - mean) / std
 
 
@@ -286,9 +366,9 @@ class BatchedDataAugmentationDINO(DataAugmentationDINO):
                             f"parameters are drawn on the CPU), got {generator!r}")
         x = as_float_images(images)
         crops = [self.global_transfo1(x, generator), self.global_transfo2(x, generator)]
-        if self.local_crops_number:  # one call for all local crops: local crop j of image b is
-            # row j * B + b
-            local = self.local_transfo(x.repeat(self.local_crops_number, 1, 1, 1), generator)
+        if self.local_crops_number:  # one call for all local crops: crop j of image b is row
+            # j * B + b
+            local = self.local_transfo(x, generator, repeats=self.local_crops_number)
             crops.extend(local.chunk(self.local_crops_number))
         return crops
 

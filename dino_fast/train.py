@@ -377,6 +377,12 @@ def check_resume_compatible(ckpt: dict, args, needs_scaler: bool) -> None:
     if diff:
         raise SystemExit("error: --resume: the checkpoint was trained with other model settings: "
                          + "; ".join(diff) + ". Pass the checkpoint's values.")
+    if saved.get("augmentation", "pil") != args.augmentation:
+        warnings.warn(f"--resume: the checkpoint was trained with --augmentation "
+                      f"{saved.get('augmentation', 'pil')} and this run uses "
+                      f"{args.augmentation}: training continues, but the crops differ from "
+                      f"those the uninterrupted run would have drawn", RuntimeWarning,
+                      stacklevel=2)
     if needs_scaler and ckpt.get("scaler") is None:
         raise SystemExit(f"error: --resume: this run uses --precision fp16, whose gradient scaler "
                          f"the checkpoint has no state for (it was trained with --precision "
