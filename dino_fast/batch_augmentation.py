@@ -259,29 +259,35 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x
 
 
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
 def color_jitter(x: torch.Tensor, apply: torch.Tensor, order: torch.Tensor,
                  factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """torchvision's ColorJitter with per-image parameters: where apply[b], image b goes through
     brightness (0), contrast (1), saturation (2) and hue (3) in the order order[b] (a permutation
     of 0..3) with factors[op][b]. apply, order and factors are CPU tensors.
 
-    At each of the 4 positions every image applies the operation its order puts there, the others
-    get that operation's identity factor (exact for brightness, contrast and saturation); hue,
-    whose HSV round trip is not exact, runs on the images that apply it only."""
+    At each of the 4 positions, brightness, contrast and saturation are one blend for the whole
+    batch, f * x + (1 - f) * m with m = 0, the mean grey level or the grey image (torchvision's
+    formulas), f = 1 (exactly the identity) for the images that apply another operation there;
+    hue, whose HSV round trip is not exact, runs on the images that apply it only."""
     for position in range(4):
-        for op in range(4):
-            chosen = apply & (order[:, position] == op)
-            if not chosen.any():
-                continue
-            if op == 3:
-                idx = torch.nonzero(chosen)[:, 0]
-                rows = _on(idx, x.device)
-                x[rows] = adjust_hue(x[rows], factors[3][idx])
-            else:
-                x = _JITTER_OPS[op](x, torch.where(chosen, factors[op], torch.ones(())))
+        op = torch.where(apply, order[:, position], torch.full_like(order[:, position], -1))
+        blend = (op >= 0) & (op <= 2)
+        if blend.any():
+            f = torch.ones(len(op))
+            for k in range(3):
+                f = torch.where(op == k, factors[k], f)
+            gray = grayscale(x)
+            mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+            use_mean = _on(op == 1, x.device).view(-1, 1, 1, 1)
+            use_gray = _on(op == 2, x.device).view(-1, 1, 1, 1)
+            other = torch.where(use_gray, gray, torch.where(use_mean, mean, 0.0))
+            f = _to(f, x).view(-1, 1, 1, 1)
+            x = (f * x + (1 - f) * other).clamp_(0, 1)
+        hue = op == 3
+        if hue.any():
+            idx = torch.nonzero(hue)[:, 0]
+            rows = _on(idx, x.device)
+            x[rows] = adjust_hue(x[rows], factors[3][idx])
     return x
 
 

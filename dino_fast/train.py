@@ -585,7 +585,7 @@ def train_dino(args) -> dict:
                                              amp_dtype, "before training")
     guard = NonFiniteGuard(device)
     start_time = time.perf_counter()
-    epoch_times, epochs_done = [], start_epoch
+    epoch_times, epochs_done, latest_knn = [], start_epoch, (None, None)
     for epoch in range(start_epoch, args.epochs):
         if epoch_times and args.max_train_minutes and (
                 time.perf_counter() - start_time + epoch_times[-1] > 60 * args.max_train_minutes):
@@ -625,16 +625,19 @@ def train_dino(args) -> dict:
         epochs_done = epoch + 1
         last = epoch + 1 == args.epochs
         if args.knn_freq and (epoch + 1) % args.knn_freq == 0 and not last:
-            evaluate_knn(teacher, knn_train, knn_test, epoch + 1, args, env, log, amp_dtype,
-                         f"after epoch {epoch + 1}")
+            latest_knn = (epoch + 1, evaluate_knn(teacher, knn_train, knn_test, epoch + 1, args,
+                                                  env, log, amp_dtype, f"after epoch {epoch + 1}"))
         if main_process:
             plot_curves(log, output_dir)
     results["epochs_trained"] = epochs_done
     results["train_time_s"] = time.perf_counter() - start_time
 
     # ============ final evaluation and pictures ... ============
-    results["knn_after"] = evaluate_knn(teacher, knn_train, knn_test, epochs_done, args, env,
-                                        log, amp_dtype, f"after {epochs_done} epochs")
+    if latest_knn[0] == epochs_done:  # stopped by the time budget right after an evaluation
+        results["knn_after"] = latest_knn[1]
+    else:
+        results["knn_after"] = evaluate_knn(teacher, knn_train, knn_test, epochs_done, args, env,
+                                            log, amp_dtype, f"after {epochs_done} epochs")
     if main_process:
         plot_curves(log, output_dir)
         if args.attention_images:

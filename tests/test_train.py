@@ -335,9 +335,15 @@ def test_non_finite_guard_names_the_first_bad_step():
 
 def test_time_budget_stops_between_epochs_and_the_run_can_be_resumed(tmp_path, capsys):
     result = run(tmp_path, "--max_train_minutes", "1e-6", "--knn_before", "false",
-                 "--attention_images", "0")
+                 "--attention_images", "0", "--knn_freq", "1")
     assert result["epochs_trained"] == 1  # the first epoch always runs
-    assert "stopping before epoch 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stopping before epoch 2" in out
+    # epoch 1's evaluation is the final figure: not computed a second time
+    assert out.count("k-NN (after") == 1
+    knn = [r for r in read_log(tmp_path) if r["type"] == "knn"]
+    assert [r["epochs_trained"] for r in knn] == [1]
+    assert result["knn_after"]["knn_top1"] == knn[0]["knn_top1"]
     assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
     resumed = run(tmp_path, "--resume", "--knn_before", "false", "--attention_images", "0")
     assert (resumed["start_epoch"], resumed["epochs_trained"]) == (1, 2)
