@@ -18,12 +18,13 @@ not detected and saturates), all of one size (CIFAR, the procedural data). Outpu
 2 + local_crops_number float32 batches, crop-major as `collate_crops` gives them, on the input's
 device. Randomness comes from a `torch.Generator` (CPU) that the caller seeds: the same generator
 state draws the same crop parameters on any device (pixels then agree to float rounding). The
-parameters are drawn on the CPU and copied without waiting (`non_blocking`), so on CUDA the
-augmentation does not synchronise with the GPU.
+parameters are drawn on the CPU and copied with `non_blocking=True`, so on CUDA the augmentation
+makes no synchronising call (the normalisation constants are copied once per device).
 
 The one difference from the PIL pipeline: values stay float between operations, where PIL and
-torchvision's PIL kernels round to uint8 after each (about 1/255 per operation; see
-`resized_crops` for the resize's intermediate clipping).
+torchvision's PIL kernels round to uint8 after each: about 1/255 per operation on average, up
+to 15/255 on a pixel for hue (PIL's 8-bit HSV), and see `resized_crops` for the resize's
+intermediate clipping.
 """
 from __future__ import annotations
 
@@ -125,8 +126,8 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int,
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
                   flip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Crop box n of image n % B (top, left, h, w in pixels), resize it to size x size as PIL
-    resizes that crop with its antialiased bicubic filter, computed in float (PIL's mode "F":
-    both passes, then one clamp to [0, 1]), and mirror it where flip[n]. images: (B, C, H, W)
+    resizes that crop with its antialiased bicubic filter, computed in float (PIL's mode "F"),
+    clamp to [0, 1], and mirror it where flip[n]. images: (B, C, H, W)
     floating; boxes: (R * B, 4) CPU integers as `sample_crop_boxes` returns (R crops of each
     image); flip: (R * B,) CPU booleans. Returns (R * B, C, size, size).
 
@@ -151,30 +152,13 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
 
 
 # Photometric operations on (B, 3, H, W) float images in [0, 1], one factor per image, with the
-# formulas of torchvision's tensor kernels (adjust_brightness / contrast / saturation / hue,
+# formulas of torchvision's tensor kernels (adjust_hue,
 # rgb_to_grayscale, solarize).
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) luma."""
     r, g, b = x.unbind(1)
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
-
-
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = _to(factor, x).view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp_(0, 1)
-
-
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * _to(factor, x).view(-1, 1, 1, 1)).clamp_(0, 1)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x), factor)
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -268,7 +252,8 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, order: torch.Tensor,
     At each of the 4 positions, brightness, contrast and saturation are one blend for the whole
     batch, f * x + (1 - f) * m with m = 0, the mean grey level or the grey image (torchvision's
     formulas), f = 1 (exactly the identity) for the images that apply another operation there;
-    hue, whose HSV round trip is not exact, runs on the images that apply it only."""
+    hue, whose HSV round trip is not exact, runs on the images that apply it only. May write
+    into x (pass a copy to keep it)."""
     for position in range(4):
         op = torch.where(apply, order[:, position], torch.full_like(order[:, position], -1))
         blend = (op >= 0) & (op <= 2)
