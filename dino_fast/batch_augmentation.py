@@ -28,11 +28,13 @@ intermediate clipping.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from dino_fast.augmentation import (COLOR_JITTER_P, FLIP_P, GRAYSCALE_P, SOLARIZE_THRESHOLD,
                                     CropTransform, DataAugmentationDINO, _to_rgb_pil)
@@ -49,6 +51,12 @@ def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU index or mask tensor on `device`, copied without a host sync."""
     return t.to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor, copied to each device once."""
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
@@ -127,9 +135,9 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
                   flip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Crop box n of image n % B (top, left, h, w in pixels), resize it to size x size as PIL
     resizes that crop with its antialiased bicubic filter, computed in float (PIL's mode "F"),
-    clamp to [0, 1], and mirror it where flip[n]. images: (B, C, H, W)
-    floating; boxes: (R * B, 4) CPU integers as `sample_crop_boxes` returns (R crops of each
-    image); flip: (R * B,) CPU booleans. Returns (R * B, C, size, size).
+    clamp to [0, 1], and mirror it where flip[n]. images: (B, C, H, W) floating; boxes:
+    (R * B, 4) CPU integers as `sample_crop_boxes` returns (R crops of each image); flip:
+    (R * B,) CPU booleans. Returns (R * B, C, size, size).
 
     PIL's 8-bit path also rounds and clips between its two passes (which pass comes first
     depends on the Pillow version and the sizes): that moves pixels by about 1/255, and by up
@@ -152,8 +160,7 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
 
 
 # Photometric operations on (B, 3, H, W) float images in [0, 1], one factor per image, with the
-# formulas of torchvision's tensor kernels (adjust_hue,
-# rgb_to_grayscale, solarize).
+# formulas of torchvision's tensor kernels (adjust_hue, rgb_to_grayscale, solarize).
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) luma."""
@@ -186,19 +193,12 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
     t = (v * (1.0 - s + s * f)).clamp(0.0, 1.0)
     vpqt = torch.stack((v, p, q, t), dim=1)  # (B, 4, H, W)
-    select = _hsv_select(x.device)[:, i.long().remainder(6)]  # (3, B, H, W)
+    select = _constant(_HSV_SELECT, x.device, torch.int64)[:, i.long().remainder(6)]
     return vpqt.gather(1, select.transpose(0, 1))
 
 
 # channel r, g, b of hue sector 0..5 as an index into (v, p, q, t)
-_HSV_SELECT = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]])
-_HSV_SELECT_ON = {}
-
-
-def _hsv_select(device: torch.device) -> torch.Tensor:
-    if device not in _HSV_SELECT_ON:  # copied once per device
-        _HSV_SELECT_ON[device] = _HSV_SELECT.to(device)
-    return _HSV_SELECT_ON[device]
+_HSV_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
 
 
 def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD / 255) -> torch.Tensor:
@@ -286,7 +286,6 @@ class BatchedCropTransform(CropTransform):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.flip_p, self.jitter_p, self.grayscale_p = FLIP_P, COLOR_JITTER_P, GRAYSCALE_P
-        self._stats = {}  # (mean, std) tensors per device and dtype
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator,
                  repeats: int = 1) -> torch.Tensor:
@@ -304,8 +303,9 @@ class BatchedCropTransform(CropTransform):
         factors = [_uniform(n, lo, hi, generator).float() for lo, hi in self._jitter_ranges]
         x = color_jitter(x, jitter, order, factors)
 
-        gray = _on(coin(self.grayscale_p), dev).view(-1, 1, 1, 1)
-        x = torch.where(gray, grayscale(x).expand_as(x), x)
+        gray = coin(self.grayscale_p)
+        if gray.any():  # (a CPU test: no sync)
+            x = torch.where(_on(gray, dev).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
 
         blur = coin(self.blur_p)
         sigma = _uniform(n, *self.blur_radius, generator).float()
@@ -314,14 +314,12 @@ class BatchedCropTransform(CropTransform):
             rows = _on(idx, dev)
             x[rows] = gaussian_blur(x[rows], sigma[idx])
 
-        sol = _on(coin(self.solarize_p), dev).view(-1, 1, 1, 1)
-        x = torch.where(sol, solarize(x), x)
+        sol = coin(self.solarize_p)
+        if sol.any():
+            x = torch.where(_on(sol, dev).view(-1, 1, 1, 1), solarize(x), x)
 
-        key = (dev, x.dtype)
-        if key not in self._stats:
-            self._stats[key] = tuple(torch.tensor(v, dtype=x.dtype).view(1, 3, 1, 1).to(dev)
-                                     for v in (self.mean, self.std))
-        mean, std = self._stats[key]
+        mean = _constant(tuple(self.mean), dev, x.dtype).view(1, 3, 1, 1)
+        std = _constant(tuple(self.std), dev, x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std
 
 
@@ -357,8 +355,7 @@ class BatchedDataAugmentationDINO(DataAugmentationDINO):
                             f"parameters are drawn on the CPU), got {generator!r}")
         x = as_float_images(images)
         crops = [self.global_transfo1(x, generator), self.global_transfo2(x, generator)]
-        if self.local_crops_number:  # one call for all local crops: crop j of image b is row
-            # j * B + b
+        if self.local_crops_number:  # one call for all local crops (crop j of image b: row j*B+b)
             local = self.local_transfo(x, generator, repeats=self.local_crops_number)
             crops.extend(local.chunk(self.local_crops_number))
         return crops
@@ -368,7 +365,6 @@ def to_uint8_tensor(image) -> torch.Tensor:
     """Dataset transform for the batched augmentation: PIL image (or (C, H, W) tensor) ->
     (3, H, W) uint8 RGB tensor, so that a DataLoader moves bytes and the crops are made later,
     batch by batch."""
-    from torchvision.transforms.v2.functional import pil_to_tensor
     return pil_to_tensor(_to_rgb_pil(image))
 
 
