@@ -22,12 +22,12 @@ from __future__ import annotations
 import sys
 from typing import Iterable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from dino_fast.backend import check_backend_name, resolve_backend
 from dino_fast.checks import check_index, check_int, check_unit_interval
+from dino_fast.schedules import cosine_scheduler
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,16 +139,6 @@ def ema_update_(teacher_params: Iterable[torch.Tensor], student_params: Iterable
 # ----------------------------------------------------------------------------------------------
 # schedule and module-level EMA
 
-def cosine_momentum(step: int, total_steps: int, base_momentum: float,
-                    final_momentum: float) -> float:
-    """The official teacher momentum at iteration `step` of `total_steps`:
-    final + (base - final) * (1 + cos(pi * step / total_steps)) / 2, i.e. entry `step` of
-    `cosine_scheduler(base, final, epochs, niter_per_ep)` with total_steps = epochs * niter_per_ep
-    (float64 arithmetic and numpy's cos, as the official array, so the values agree exactly)."""
-    cos = float(np.cos(np.pi * step / total_steps))
-    return final_momentum + 0.5 * (base_momentum - final_momentum) * (1 + cos)
-
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module under any nesting of DistributedDataParallel / DataParallel (`.module`) and
     torch.compile (`OptimizedModule._orig_mod`) wrappers."""
@@ -204,6 +194,9 @@ class TeacherEMA:
         if self.student is self.teacher:
             raise ValueError("student and teacher are the same module; the teacher must be a "
                              "separate copy (e.g. copy.deepcopy(student) before wrapping)")
+        # the official array (float64, numpy's cos): cosine_scheduler over total_steps iterations
+        self._schedule = cosine_scheduler(self.base_momentum, self.final_momentum,
+                                          self.total_steps, 1)
         self.num_updates = 0
         self.last_backend: Optional[str] = None
         self.last_momentum: Optional[float] = None
@@ -213,8 +206,7 @@ class TeacherEMA:
         """The teacher momentum of iteration `step`, 0 <= step < total_steps."""
         step = check_index(step, "step", self.total_steps,
                            f"total_steps={self.total_steps}: one momentum per iteration")
-        return cosine_momentum(step, self.total_steps, self.base_momentum,
-                               self.final_momentum)
+        return float(self._schedule[step])
 
     def _pairs(self) -> tuple[list, list, list]:
         """(names, teacher tensors, student tensors), in the teacher's order, matched by name."""
