@@ -155,7 +155,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "helps optimisation of larger ViTs; try values around 0.3 to 1.0.")
     p.add_argument("--batch_size_per_gpu", default=32, type=int,
                    help="images per process and step (the total batch is this times the number "
-                        "of processes)")
+                        "of processes; the learning rate scales with it). On CIFAR-10 in 28 CPU "
+                        "minutes 64 did better than 32 and 128 (README)")
     p.add_argument("--epochs", default=None, type=int,
                    help="number of training epochs. Default: 30 on the procedural demo, 10 "
                         "otherwise")
