@@ -28,8 +28,9 @@ setup(
         "numpy",
         "pillow",
         "matplotlib",  # the PNG pictures: training curves, attention maps, benchmark charts
+        "tqdm",  # the training progress bar
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={"dev": ["pytest>=7", "pytest-benchmark>=4", "ruff"]},
     entry_points={"console_scripts": [
         "dino-fast-train=dino_fast.train:main",
         "dino-fast-knn=dino_fast.knn:main",
