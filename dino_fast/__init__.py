@@ -1,12 +1,40 @@
 """dino_fast: the official DINO recipe with fused Triton kernels for the loss and the teacher EMA.
 
-Public entry points:
-    DINOLoss      drop-in replacement of the official training script's loss class.
-    dino_loss     the loss as a function (loss, teacher row sum), for users with their own center.
+    from dino_fast import DINOLoss, TeacherEMA, DINOHead, MultiCropWrapper, build_vit
+
+    student = MultiCropWrapper(build_vit("vit_small"), DINOHead(384, 65536))
+    teacher = MultiCropWrapper(build_vit("vit_small"), DINOHead(384, 65536))
+    teacher.load_state_dict(student.state_dict())
+    dino_loss = DINOLoss(65536, ncrops=10, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                         warmup_teacher_temp_epochs=0, nepochs=100)
+    ema = TeacherEMA(student, teacher, total_steps=100 * len(data_loader))
+
+Importing dino_fast loads no Triton kernel: the kernel modules (dino_fast.kernels.*) are imported
+on the first call that runs one, so TRITON_INTERPRET can still be set after `import dino_fast`.
 """
 __version__ = "0.1.0"
 
+from dino_fast.augmentation import DataAugmentationDINO
+from dino_fast.batch_augmentation import BatchedDataAugmentationDINO
+from dino_fast.checkpoint import load_official_checkpoint
+from dino_fast.data import ProceduralShapes, build_dataset
+from dino_fast.ema import TeacherEMA, ema_update_
+from dino_fast.head import DINOHead
+from dino_fast.knn import knn_accuracy
 from dino_fast.loss import DINOLoss, dino_loss, dino_loss_eager
-from dino_fast.ema import TeacherEMA, ema_update_  # noqa: F401  (the teacher EMA, issue 4)
+from dino_fast.models import MultiCropWrapper, build_vit, last_selfattention
+from dino_fast.schedules import cosine_scheduler
 
-__all__ = ["DINOLoss", "dino_loss", "dino_loss_eager", "__version__"]
+__all__ = [
+    # losses
+    "DINOLoss", "dino_loss", "dino_loss_eager",
+    # teacher EMA
+    "TeacherEMA", "ema_update_",
+    # models
+    "build_vit", "DINOHead", "MultiCropWrapper", "last_selfattention", "load_official_checkpoint",
+    # data and augmentation
+    "DataAugmentationDINO", "BatchedDataAugmentationDINO", "ProceduralShapes", "build_dataset",
+    # schedules and evaluation
+    "cosine_scheduler", "knn_accuracy",
+    "__version__",
+]

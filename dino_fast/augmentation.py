@@ -27,8 +27,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dino_fast.data import IMAGENET_MEAN, IMAGENET_STD
 
 # The official recipe, at 224 px global crops
 COLOR_JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
@@ -39,7 +38,8 @@ BLUR_RADIUS_224 = (0.1, 2.0)  # PIL GaussianBlur radius (the standard deviation)
 SOLARIZE_THRESHOLD = 128
 
 
-def _check_scale(scale, name: str) -> tuple[float, float]:
+def check_crop_scale(scale, name: str) -> tuple[float, float]:
+    """A random-resized crop's area range: a pair 0 < min <= max <= 1, returned as floats."""
     try:
         lo, hi = (float(s) for s in scale)
     except (TypeError, ValueError):
@@ -50,7 +50,8 @@ def _check_scale(scale, name: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _check_size(size, name: str) -> int:
+def check_crop_size(size, name: str) -> int:
+    """A crop side in pixels: a positive integer."""
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"{name} must be a positive integer (pixels), got {size!r}")
     return int(size)
@@ -71,8 +72,8 @@ class CropTransform:
     def __init__(self, size: int, scale: Sequence[float], blur_p: float,
                  blur_radius: tuple[float, float], solarize_p: float = 0.0,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.size = _check_size(size, "size")
-        self.scale = _check_scale(scale, "scale")
+        self.size = check_crop_size(size, "size")
+        self.scale = check_crop_scale(scale, "scale")
         self.ratio = (3.0 / 4.0, 4.0 / 3.0)
         self.blur_p, self.blur_radius, self.solarize_p = blur_p, blur_radius, solarize_p
         self.mean, self.std = list(mean), list(std)
@@ -140,8 +141,8 @@ class DataAugmentationDINO:
                 or local_crops_number < 0:
             raise ValueError(f"local_crops_number must be an integer >= 0, got "
                              f"{local_crops_number!r}")
-        global_size = _check_size(global_size, "global_size")
-        local_size = _check_size(local_size, "local_size")
+        global_size = check_crop_size(global_size, "global_size")
+        local_size = check_crop_size(local_size, "local_size")
         for name, stats in (("mean", mean), ("std", std)):
             if len(stats) != 3:
                 raise ValueError(f"{name} must have 3 values (RGB), got {stats!r}")
@@ -208,3 +209,24 @@ def collate_crops(batch) -> tuple[list[torch.Tensor], torch.Tensor]:
         out.append(torch.stack([sample[0][v] for sample in batch]))
     labels = torch.as_tensor([int(sample[1]) for sample in batch], dtype=torch.int64)
     return out, labels
+
+
+def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> T.Compose:
+    """The evaluation transform: PIL image -> normalised float32 tensor (3, image_size,
+    image_size).
+
+    Resizes the short side to image_size * 256/224 (bicubic) and takes the central image_size
+    square, the official evaluation ratio (256 -> 224 at ImageNet size).
+
+    Example:
+        >>> from dino_fast.data import ProceduralShapes
+        >>> ProceduralShapes("test", num_samples=1, transform=eval_transform(32))[0][0].shape
+        torch.Size([3, 32, 32])
+    """
+    return T.Compose([
+        T.Resize(round(image_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])

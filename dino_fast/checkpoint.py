@@ -1,6 +1,7 @@
-"""Training checkpoints: written atomically, restored exactly.
+"""Checkpoints: training checkpoints written atomically and restored exactly, and official DINO
+checkpoints loaded into dino_fast's models. `read_checkpoint` is the one file reader of both.
 
-A checkpoint is a plain dict of tensors and Python scalars (loadable with `weights_only=True`):
+A training checkpoint is a plain dict of tensors and Python scalars (loadable with `weights_only=True`):
 
     epoch       number of finished epochs (training resumes at this epoch index)
     student     state_dict of the student (MultiCropWrapper: backbone.* and head.*), unwrapped
@@ -19,16 +20,17 @@ from (seed, epoch, rank), so a resumed epoch draws the same numbers as an uninte
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from dino_fast.ema import unwrap_model  # DDP / torch.compile wrappers off: stable keys
+from dino_fast.models import unwrap_model  # DDP / torch.compile wrappers off: stable keys
 
 PathLike = Union[str, os.PathLike]
 
@@ -68,18 +70,47 @@ def training_state(*, epoch: int, student: nn.Module, teacher: nn.Module,
     }
 
 
-def load_checkpoint(path: PathLike) -> dict:
-    """Read a checkpoint on the CPU; a clear error when the file is missing or not one of ours."""
+def read_checkpoint(path: PathLike, allowed_globals: Sequence[type] = ()) -> dict:
+    """Read a checkpoint file on the CPU with `torch.load(weights_only=True)`.
+
+    Args:
+        path: the file.
+        allowed_globals: Python classes the file may hold besides tensors and plain values
+            (official DINO checkpoints hold the run's `argparse.Namespace`).
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds other Python objects (nothing of them is unpickled), or
+            is not a dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # an official or foreign checkpoint holding Python objects
-        raise ValueError(f"{path} is not a dino_fast training checkpoint: it holds Python objects "
-                         f"other than tensors and plain values, which are not unpickled (for an "
-                         f"official DINO checkpoint use dino_fast.models.load_official_checkpoint)"
-                         ) from None
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds Python objects other than tensors and plain values, "
+                         f"which are not unpickled (for an official DINO checkpoint use "
+                         f"dino_fast.checkpoint.load_official_checkpoint)") from None
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
+    return ckpt
+
+
+def load_checkpoint(path: PathLike) -> dict:
+    """Read a dino_fast training checkpoint (see the module docstring for its entries).
+
+    Raises FileNotFoundError when the file is missing and ValueError when it is not a dino_fast
+    training checkpoint.
+    """
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a dino_fast training checkpoint: {exc}") from None
     missing = [k for k in ("epoch", "student", "teacher", "args") if k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a dino_fast training checkpoint (missing {missing})")
@@ -100,3 +131,106 @@ def restore_training_state(ckpt: dict, *, student: nn.Module, teacher: nn.Module
                              "scaler state (it was written by a run without fp16)")
         scaler.load_state_dict(ckpt["scaler"])
     return int(ckpt["epoch"])
+
+
+# --------------------------------------------------------------------------------------------
+# Official checkpoints
+# --------------------------------------------------------------------------------------------
+
+# Entries of an official training checkpoint (main_dino.py's checkpoint.pth) that hold weights,
+# in the order they are tried when no key is given (the official evaluation default: teacher).
+_CHECKPOINT_ENTRIES = ("teacher", "student", "state_dict", "model")
+
+
+def _state_source(state_dict_or_path) -> tuple[Mapping, str]:
+    if isinstance(state_dict_or_path, Mapping):
+        return state_dict_or_path, "the given state dict"
+    if not isinstance(state_dict_or_path, (str, os.PathLike)):
+        raise TypeError(f"state_dict_or_path must be a mapping or a path, got "
+                        f"{type(state_dict_or_path).__name__}")
+    # official checkpoints also hold the argparse Namespace of the run under "args"
+    ckpt = read_checkpoint(state_dict_or_path, allowed_globals=[argparse.Namespace])
+    return ckpt, f"checkpoint {os.fspath(state_dict_or_path)}"
+
+
+def _is_state_dict(d: Mapping) -> bool:
+    return len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _strip(key: str) -> str:
+    """Drop the DistributedDataParallel `module.` and torch.compile `_orig_mod.` prefixes."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key.replace("._orig_mod.", ".")
+
+
+def load_official_checkpoint(module: nn.Module, state_dict_or_path, key: Optional[str] = None,
+                             strict: bool = True):
+    """Load an official DINO checkpoint (or a state dict in its key format) into `module`.
+
+    module: a backbone from `build_vit`, a `DINOHead`, or a `MultiCropWrapper` of both.
+    state_dict_or_path: a state dict, a whole checkpoint dict, or a path to either (loaded with
+        torch.load(weights_only=True) on CPU).
+    key: the checkpoint entry to load ("teacher" or "student" in main_dino.py's checkpoints);
+        by default the first of teacher, student, state_dict, model that exists, or the dict
+        itself when it is already a state dict (the released backbone weights).
+    strict: as nn.Module.load_state_dict, for the keys of `module`.
+
+    Keys lose their `module.` (DDP) prefixes; then the checkpoint's sub-tree that matches the
+    module is taken: the whole dict for a wrapper, `backbone.*` for a backbone (the head keys are
+    left out, as the official evaluation does), `head.*` for a head. A `pos_embed` stored at
+    another grid size is resampled to the module's. Returns load_state_dict's result
+    (missing_keys, unexpected_keys).
+    """
+    ckpt, source = _state_source(state_dict_or_path)
+    if key is not None:
+        if key not in ckpt:
+            raise KeyError(f"{source} has no entry {key!r}; its entries are {sorted(ckpt)[:20]}")
+        state = ckpt[key]
+        source = f"{source}[{key!r}]"
+    elif _is_state_dict(ckpt):
+        state = ckpt
+    else:
+        found = [k for k in _CHECKPOINT_ENTRIES if isinstance(ckpt.get(k), Mapping)]
+        if not found:
+            raise ValueError(f"{source} is neither a state dict nor a checkpoint with one of the "
+                             f"entries {list(_CHECKPOINT_ENTRIES)}; its entries are "
+                             f"{sorted(ckpt)[:20]}; pass key=...")
+        state = ckpt[found[0]]
+        source = f"{source}[{found[0]!r}]"
+    if not isinstance(state, Mapping) or not _is_state_dict(state):
+        raise ValueError(f"{source} is not a state dict (a non-empty mapping of tensors)")
+    state = {_strip(k): v for k, v in state.items()}
+
+    target = unwrap_model(module)
+    wanted = set(target.state_dict())
+    best, best_overlap = None, 0
+    for prefix in ("", "backbone.", "head."):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        overlap = len(wanted & set(sub))
+        if overlap > best_overlap:
+            best, best_overlap = sub, overlap
+    if best is None:
+        raise ValueError(f"no key of {source} matches {type(target).__name__}: the checkpoint "
+                         f"has keys like {sorted(state)[:3]}, the module expects keys like "
+                         f"{sorted(wanted)[:3]}")
+    _resample_pos_embed(target, best)
+    try:
+        return target.load_state_dict(best, strict=strict)
+    except RuntimeError as exc:
+        raise RuntimeError(f"loading {source} into {type(target).__name__}: {exc}") from exc
+
+
+def _resample_pos_embed(target: nn.Module, state: dict) -> None:
+    """Resample a checkpoint's `pos_embed` (1, prefix + h*w, D) to the module's grid, in place."""
+    own = getattr(target, "pos_embed", None)
+    theirs = state.get("pos_embed")
+    if not isinstance(own, torch.Tensor) or theirs is None or theirs.shape == own.shape:
+        return
+    if theirs.dim() != 3 or theirs.shape[-1] != own.shape[-1]:
+        return  # let load_state_dict report the mismatch
+    from timm.layers import resample_abs_pos_embed
+    prefix = 0 if getattr(target, "no_embed_class", False) else target.num_prefix_tokens
+    state["pos_embed"] = resample_abs_pos_embed(
+        theirs, new_size=list(target.patch_embed.grid_size), num_prefix_tokens=prefix)

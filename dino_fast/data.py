@@ -12,7 +12,9 @@ stayed at chance (10.7 % before, 10.5 % after). Repeating the shape puts it in e
 ones included, and muting the colours leaves the shape the strongest thing the crops share.
 
 `build_dataset(data_path, split, transform)` picks the dataset from a string: "procedural", an
-image folder, or "cifar10[:root]".
+image folder, or "cifar10[:root]"; `eval_split` names the held-out split of a data path and
+`subset` takes a fixed random subset. IMAGENET_MEAN / IMAGENET_STD are the normalisation
+statistics the augmentation and the evaluation transform share.
 """
 from __future__ import annotations
 
@@ -22,8 +24,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
+
+# Per-channel RGB statistics of ImageNet, used to normalise every image (as the official code)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow",
           "frame", "pacman", "tee", "hexagon")
@@ -325,3 +332,34 @@ def _image_folder(data_path: str, split: str, transform) -> Dataset:
     except FileNotFoundError as exc:  # no class folder, or no image file in any of them
         raise FileNotFoundError(f"no images in {root}: expected class subfolders holding image "
                                 f"files ({exc})") from None
+
+
+def eval_split(data_path: str) -> str:
+    """The held-out split of a data path: 'test', or 'val' for an image folder that has val/ and
+    no test/ (the ImageNet layout).
+
+    Example:
+        >>> eval_split("procedural")
+        'test'
+    """
+    path = Path(data_path)
+    if path.is_dir() and not (path / "test").is_dir() and (path / "val").is_dir():
+        return "val"
+    return "test"
+
+
+def subset(dataset: Dataset, n: int, seed: int) -> Dataset:
+    """A fixed random subset of `n` images of `dataset`.
+
+    Args:
+        dataset: any map-style dataset.
+        n: number of images to keep; `n <= 0` or `n >= len(dataset)` keeps the whole dataset.
+        seed: the subset is a function of (seed, len(dataset)) only.
+
+    Returns:
+        `dataset` itself, or a `torch.utils.data.Subset` of it.
+    """
+    if n <= 0 or n >= len(dataset):
+        return dataset
+    g = torch.Generator().manual_seed(seed)
+    return Subset(dataset, torch.randperm(len(dataset), generator=g)[:n].tolist())

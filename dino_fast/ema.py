@@ -19,7 +19,6 @@ momentum, a step past the schedule) a clear error names the argument and nothing
 """
 from __future__ import annotations
 
-import sys
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from dino_fast.backend import check_backend_name, resolve_backend
 from dino_fast.checks import check_index, check_int, check_unit_interval
+from dino_fast.models import unwrap_model
 from dino_fast.schedules import cosine_scheduler
 
 
@@ -138,24 +138,6 @@ def ema_update_(teacher_params: Iterable[torch.Tensor], student_params: Iterable
 
 # ----------------------------------------------------------------------------------------------
 # schedule and module-level EMA
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module under any nesting of DistributedDataParallel / DataParallel (`.module`) and
-    torch.compile (`OptimizedModule._orig_mod`) wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif _is_compiled(model):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    # An OptimizedModule can only exist once torch._dynamo was imported: no import cost otherwise.
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")
-    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
-
 
 class TeacherEMA:
     """The DINO teacher update with the official per-iteration cosine momentum schedule.

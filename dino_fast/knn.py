@@ -17,22 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import transforms
 
 from dino_fast import distributed
-from dino_fast.augmentation import IMAGENET_MEAN, IMAGENET_STD
-
-
-def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Resize the short side to image_size * 256/224 and take the central image_size square,
-    the official evaluation ratio (256 -> 224 at ImageNet size)."""
-    return transforms.Compose([
-        transforms.Resize(round(image_size * 256 / 224),
-                          interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+from dino_fast.builders import build_backbone, build_knn_datasets
+from dino_fast.checkpoint import load_checkpoint
+from dino_fast.train_args import train_args_from_checkpoint
 
 
 @torch.no_grad()
@@ -104,9 +93,27 @@ def knn_accuracy(model: nn.Module, train_set: Dataset, test_set: Dataset, *, k: 
                  temperature: float = 0.07, batch_size: int = 256, num_workers: int = 0,
                  device: torch.device = torch.device("cpu"),
                  amp_dtype: Optional[torch.dtype] = None) -> dict:
-    """Embed both sets with `model` (images -> (B, D) features) and run the weighted k-NN.
+    """Weighted k-NN accuracy of a frozen feature extractor, as the official `eval_knn`.
 
-    Returns {"knn_top1": %, "knn_top5": %, "knn_k": k, "knn_train": N, "knn_test": M}.
+    Args:
+        model: images (B, 3, H, W) -> features (B, D), e.g. a ViT backbone from `build_vit`
+            (put in eval mode during the embedding, then restored).
+        train_set / test_set: datasets of (image tensor, label): the bank and the queries.
+        k: number of neighbours; temperature: T of the exp(cosine / T) vote weights.
+        batch_size, num_workers: of the embedding's DataLoader.
+        device: where the model runs; amp_dtype: autocast dtype of the embedding (None: fp32).
+
+    Returns:
+        {"knn_top1": %, "knn_top5": %, "knn_k": k, "knn_train": N, "knn_test": M}.
+
+    Example:
+        >>> from dino_fast import ProceduralShapes, build_vit, knn_accuracy
+        >>> from dino_fast.augmentation import eval_transform
+        >>> bank = ProceduralShapes("train", num_samples=200, transform=eval_transform(32))
+        >>> queries = ProceduralShapes("test", num_samples=100, transform=eval_transform(32))
+        >>> vit = build_vit("vit_tiny", patch_size=8, img_size=32, depth=2)
+        >>> knn_accuracy(vit, bank, queries)["knn_top1"]  # doctest: +SKIP
+        21.0
     """
     kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, amp_dtype=amp_dtype)
     train_f, train_l = extract_features(model, train_set, **kw)
@@ -114,14 +121,6 @@ def knn_accuracy(model: nn.Module, train_set: Dataset, test_set: Dataset, *, k: 
     top1, top5 = knn_classifier(train_f, train_l, test_f, test_l, k=k, temperature=temperature)
     return {"knn_top1": top1, "knn_top5": top5, "knn_k": k,
             "knn_train": len(train_set), "knn_test": len(test_set)}
-
-
-def subset(dataset: Dataset, n: int, seed: int) -> Dataset:
-    """A fixed random subset of n images (all of them when n <= 0 or n >= len)."""
-    if n <= 0 or n >= len(dataset):
-        return dataset
-    g = torch.Generator().manual_seed(seed)
-    return Subset(dataset, torch.randperm(len(dataset), generator=g)[:n].tolist())
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -158,9 +157,6 @@ def run(argv=None) -> dict:
     """Evaluate a checkpoint; returns knn_accuracy's dict."""
     args = get_args_parser().parse_args(argv)
     # the model and the datasets are built exactly as the training run built them
-    from dino_fast.checkpoint import load_checkpoint
-    from dino_fast.train import build_backbone, build_knn_datasets, train_args_from_checkpoint
-
     try:
         ckpt = load_checkpoint(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:

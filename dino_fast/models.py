@@ -1,5 +1,5 @@
 """Backbones and wrappers: timm Vision Transformers with the official DINO settings, the multi-crop
-wrapper, `torch.compile` of the backbone, last-block attention maps and official checkpoints.
+wrapper, `torch.compile` of the backbone, `unwrap_model` and last-block attention maps.
 
 The timm `VisionTransformer` has the same parameter names as the official DINO ViT
 (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.i.{norm1,attn.qkv,attn.proj,norm2,
@@ -7,11 +7,11 @@ mlp.fc1,mlp.fc2}.*`, `norm.*`), so official checkpoints load without renaming. D
 the official ViT, none of which changes a key: the position embeddings of another resolution are
 resampled by timm (bicubic, antialiased when shrinking) instead of the official bicubic
 `scale_factor` interpolation, and the attention runs fused (scaled_dot_product_attention).
+Official checkpoints load with `dino_fast.checkpoint.load_official_checkpoint`.
 """
 from __future__ import annotations
 
-import argparse
-import os
+import sys
 from functools import partial
 from typing import Mapping, Optional, Sequence, Union
 
@@ -31,6 +31,37 @@ _FIXED_VIT_ARGS = {"num_classes": 0, "global_pool": "token", "class_token": True
                    "dynamic_img_size": True}
 
 
+def check_vit_args(arch: str, patch_size: int, img_size: int, drop_path_rate: float = 0.0,
+                   embed_dim: int = 0, num_heads: int = 0,
+                   names: Optional[Mapping[str, str]] = None) -> None:
+    """Raise ValueError unless `build_vit` can build this ViT.
+
+    Args:
+        arch, patch_size, img_size, drop_path_rate: as `build_vit`.
+        embed_dim, num_heads: the overrides; 0 keeps the architecture's own.
+        names: how the messages name each argument (the training script passes its flags,
+            e.g. {"img_size": "--image_size"}); by default the argument names.
+    """
+    def n(name: str) -> str:
+        return (names or {}).get(name, name)
+
+    if arch not in VIT_ARCHS:
+        raise ValueError(f"{n('arch')} must be one of {sorted(VIT_ARCHS)}, got {arch!r}")
+    for name, value in (("patch_size", patch_size), ("img_size", img_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{n(name)} must be a positive integer, got {value!r}")
+    if img_size % patch_size:
+        raise ValueError(f"{n('img_size')}={img_size} must be a multiple of "
+                         f"{n('patch_size')}={patch_size}")
+    if not 0.0 <= float(drop_path_rate) < 1.0:
+        raise ValueError(f"{n('drop_path_rate')} must be in [0, 1), got {drop_path_rate!r}")
+    width = embed_dim or VIT_ARCHS[arch][0]
+    heads = num_heads or VIT_ARCHS[arch][2]
+    if width % heads:
+        raise ValueError(f"{n('embed_dim')}={width} must be a multiple of "
+                         f"{n('num_heads')}={heads}")
+
+
 def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
               drop_path_rate: float = 0.0, **overrides) -> nn.Module:
     """A timm VisionTransformer with the official DINO settings, randomly initialised.
@@ -43,7 +74,7 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
     overrides: other VisionTransformer arguments, e.g. depth=2, embed_dim=64, num_heads=2 for a
         quick CPU model, or reg_tokens=4. num_classes, global_pool, class_token and
         dynamic_img_size are fixed, and nothing is ever downloaded (no `pretrained`; use
-        `load_official_checkpoint`).
+        `dino_fast.checkpoint.load_official_checkpoint`).
 
     forward(images (B, 3, H, W)) -> (B, embed_dim), the final-norm CLS token. The module exposes
     `.embed_dim`, `.num_prefix_tokens` (CLS + registers) and `.patch_embed.patch_size`.
@@ -53,18 +84,11 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
     from timm.layers import LayerNorm
     from timm.models.vision_transformer import VisionTransformer
 
-    if arch not in VIT_ARCHS:
-        raise ValueError(f"arch must be one of {sorted(VIT_ARCHS)}, got {arch!r}")
-    for name, value in (("patch_size", patch_size), ("img_size", img_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if img_size % patch_size:
-        raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size}")
-    if not 0.0 <= float(drop_path_rate) < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+    check_vit_args(arch, patch_size, img_size, drop_path_rate,
+                   overrides.get("embed_dim", 0), overrides.get("num_heads", 0))
     if "pretrained" in overrides:
         raise ValueError("build_vit never downloads weights (no `pretrained`); build the model and "
-                         "call dino_fast.models.load_official_checkpoint(model, path) instead")
+                         "call dino_fast.checkpoint.load_official_checkpoint(model, path) instead")
     fixed = sorted(set(overrides) & set(_FIXED_VIT_ARGS))
     if fixed:
         raise ValueError(f"build_vit fixes {fixed} (the CLS token is the output feature and any "
@@ -75,20 +99,42 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
                   norm_layer=partial(LayerNorm, eps=1e-6), drop_path_rate=float(drop_path_rate))
     kwargs.update(overrides)
     kwargs.update(_FIXED_VIT_ARGS)
-    if kwargs["embed_dim"] % kwargs["num_heads"]:
-        raise ValueError(f"embed_dim={kwargs['embed_dim']} must be a multiple of "
-                         f"num_heads={kwargs['num_heads']}")
     vit = VisionTransformer(**kwargs)
     # timm initialises the CLS token with std 1e-6; the official ViT uses the truncated normal
     nn.init.trunc_normal_(vit.cls_token, std=0.02)
     return vit
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under any nesting of DistributedDataParallel / DataParallel (`.module`) and
+    torch.compile (`OptimizedModule._orig_mod`) wrappers: the one whose state_dict keys carry no
+    `module.` or `_orig_mod.` prefix.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> unwrap_model(torch.compile(net)) is net
+        True
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    # An OptimizedModule can only exist once torch._dynamo was imported: no import cost otherwise.
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
+
+
 def _unwrap_vit(vit: nn.Module) -> nn.Module:
     """The timm VisionTransformer inside a MultiCropWrapper or a torch.compile wrapper."""
+    vit = unwrap_model(vit)
     if isinstance(vit, MultiCropWrapper):
-        vit = vit.backbone
-    vit = getattr(vit, "_orig_mod", vit)  # torch.compile(module) wraps; module.compile() does not
+        vit = unwrap_model(vit.backbone)
     for attr in ("patch_embed", "_pos_embed", "blocks", "num_prefix_tokens"):
         if not hasattr(vit, attr):
             raise TypeError(f"expected a timm VisionTransformer (as build_vit returns), got "
@@ -199,113 +245,3 @@ def compile_backbone(module: nn.Module, **compile_kwargs) -> nn.Module:
     compile_kwargs.setdefault("dynamic", False)
     target.compile(**compile_kwargs)
     return module
-
-
-# --------------------------------------------------------------------------------------------
-# Official checkpoints
-# --------------------------------------------------------------------------------------------
-
-# Entries of an official training checkpoint (main_dino.py's checkpoint.pth) that hold weights,
-# in the order they are tried when no key is given (the official evaluation default: teacher).
-_CHECKPOINT_ENTRIES = ("teacher", "student", "state_dict", "model")
-
-
-def _read_checkpoint(state_dict_or_path) -> tuple[Mapping, str]:
-    if isinstance(state_dict_or_path, Mapping):
-        return state_dict_or_path, "the given state dict"
-    if not isinstance(state_dict_or_path, (str, os.PathLike)):
-        raise TypeError(f"state_dict_or_path must be a mapping or a path, got "
-                        f"{type(state_dict_or_path).__name__}")
-    path = os.fspath(state_dict_or_path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # weights_only: no arbitrary code from a file; official checkpoints also hold the argparse
-    # Namespace of the run under "args"
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
-    return ckpt, f"checkpoint {path}"
-
-
-def _is_state_dict(d: Mapping) -> bool:
-    return len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
-
-
-def _strip(key: str) -> str:
-    """Drop the DistributedDataParallel `module.` and torch.compile `_orig_mod.` prefixes."""
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key.replace("._orig_mod.", ".")
-
-
-def load_official_checkpoint(module: nn.Module, state_dict_or_path, key: Optional[str] = None,
-                             strict: bool = True):
-    """Load an official DINO checkpoint (or a state dict in its key format) into `module`.
-
-    module: a backbone from `build_vit`, a `DINOHead`, or a `MultiCropWrapper` of both.
-    state_dict_or_path: a state dict, a whole checkpoint dict, or a path to either (loaded with
-        torch.load(weights_only=True) on CPU).
-    key: the checkpoint entry to load ("teacher" or "student" in main_dino.py's checkpoints);
-        by default the first of teacher, student, state_dict, model that exists, or the dict
-        itself when it is already a state dict (the released backbone weights).
-    strict: as nn.Module.load_state_dict, for the keys of `module`.
-
-    Keys lose their `module.` (DDP) prefixes; then the checkpoint's sub-tree that matches the
-    module is taken: the whole dict for a wrapper, `backbone.*` for a backbone (the head keys are
-    left out, as the official evaluation does), `head.*` for a head. A `pos_embed` stored at
-    another grid size is resampled to the module's. Returns load_state_dict's result
-    (missing_keys, unexpected_keys).
-    """
-    ckpt, source = _read_checkpoint(state_dict_or_path)
-    if key is not None:
-        if key not in ckpt:
-            raise KeyError(f"{source} has no entry {key!r}; its entries are {sorted(ckpt)[:20]}")
-        state = ckpt[key]
-        source = f"{source}[{key!r}]"
-    elif _is_state_dict(ckpt):
-        state = ckpt
-    else:
-        found = [k for k in _CHECKPOINT_ENTRIES if isinstance(ckpt.get(k), Mapping)]
-        if not found:
-            raise ValueError(f"{source} is neither a state dict nor a checkpoint with one of the "
-                             f"entries {list(_CHECKPOINT_ENTRIES)}; its entries are "
-                             f"{sorted(ckpt)[:20]}; pass key=...")
-        state = ckpt[found[0]]
-        source = f"{source}[{found[0]!r}]"
-    if not isinstance(state, Mapping) or not _is_state_dict(state):
-        raise ValueError(f"{source} is not a state dict (a non-empty mapping of tensors)")
-    state = {_strip(k): v for k, v in state.items()}
-
-    target = getattr(module, "_orig_mod", module)
-    wanted = set(target.state_dict())
-    best, best_overlap = None, 0
-    for prefix in ("", "backbone.", "head."):
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        overlap = len(wanted & set(sub))
-        if overlap > best_overlap:
-            best, best_overlap = sub, overlap
-    if best is None:
-        raise ValueError(f"no key of {source} matches {type(target).__name__}: the checkpoint "
-                         f"has keys like {sorted(state)[:3]}, the module expects keys like "
-                         f"{sorted(wanted)[:3]}")
-    _resample_pos_embed(target, best)
-    try:
-        return target.load_state_dict(best, strict=strict)
-    except RuntimeError as exc:
-        raise RuntimeError(f"loading {source} into {type(target).__name__}: {exc}") from exc
-
-
-def _resample_pos_embed(target: nn.Module, state: dict) -> None:
-    """Resample a checkpoint's `pos_embed` (1, prefix + h*w, D) to the module's grid, in place."""
-    own = getattr(target, "pos_embed", None)
-    theirs = state.get("pos_embed")
-    if not isinstance(own, torch.Tensor) or theirs is None or theirs.shape == own.shape:
-        return
-    if theirs.dim() != 3 or theirs.shape[-1] != own.shape[-1]:
-        return  # let load_state_dict report the mismatch
-    from timm.layers import resample_abs_pos_embed
-    prefix = 0 if getattr(target, "no_embed_class", False) else target.num_prefix_tokens
-    state["pos_embed"] = resample_abs_pos_embed(
-        theirs, new_size=list(target.patch_embed.grid_size), num_prefix_tokens=prefix)

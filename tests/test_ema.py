@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dino_fast.backend import interpreter_enabled
-from dino_fast.ema import TeacherEMA, ema_update_, unwrap_model
+from dino_fast.ema import TeacherEMA, ema_update_
+from dino_fast.models import unwrap_model
 
 gpu = pytest.mark.gpu
 needs_interpreter = pytest.mark.skipif(

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dino_fast.head import DINOHead, WeightNormLinear
-from dino_fast.models import (MultiCropWrapper, build_vit, compile_backbone, last_selfattention,
-                              load_official_checkpoint)
+from dino_fast.checkpoint import load_official_checkpoint
+from dino_fast.models import MultiCropWrapper, build_vit, compile_backbone, last_selfattention
 
 
 def tiny_vit(**kw):

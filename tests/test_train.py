@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_fast import knn, train
+from dino_fast import knn, train, train_args
 from dino_fast.checkpoint import load_checkpoint
 from dino_fast.loss import DINOLoss
 from dino_fast.monitor import NonFiniteGuard, NonFiniteLoss, collapse_warning
@@ -165,9 +165,9 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     (["--data_path", "/nonexistent/images"], "does not exist"),
     (["--image_size", "18"], "multiple of --patch_size"),
     (["--warmup_epochs", "3"], "cannot exceed --epochs"),
-    (["--num_heads", "3"], "multiple of its number of heads"),
+    (["--num_heads", "3"], "--embed_dim=32 must be a multiple of --num_heads=3"),
     (["--global_crops_scale", "0.8", "0.3"], "0 < min <= max <= 1"),
-    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "0"], "--lr must be a positive finite number"),
     (["--resume"], "no checkpoint at"),
 ])
 def test_bad_flags_are_rejected_before_any_work(tmp_path, capsys, flags, message):
@@ -262,8 +262,8 @@ def test_an_earlier_run_is_not_overwritten_without_resume(tiny_run, capsys):
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "interpreter_enabled", lambda: False)
-    monkeypatch.setattr(train, "triton_available", lambda: True)
+    monkeypatch.setattr(train_args, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(train_args, "triton_available", lambda: True)
     with pytest.raises(SystemExit):
         run(tmp_path / "out", "--backend", "triton")
     assert "TRITON_INTERPRET=1" in capsys.readouterr().err
@@ -295,10 +295,14 @@ def test_progress_bar_draws_in_place_and_stays_silent_when_disabled():
     buf = io.StringIO()
     bar = ProgressBar(10, desc="epoch 1/2", enabled=True, file=buf, min_interval=0)
     bar.update(5, loss=3.25, lr=1.5e-4, **{"img/s": 120})
+    bar.update(10, loss=3.0)
     bar.close()
     text = buf.getvalue()
-    assert text.startswith("\repoch 1/2 [##########..........] 5/10") and text.endswith("\n")
-    assert "loss 3.25" in text and "lr 1.500e-04" in text and "img/s 120" in text
+    draws = text.split("\r")[1:]  # every redraw starts at the line's beginning
+    assert len(draws) >= 2 and text.endswith("\n") and text.count("\n") == 1
+    assert any("epoch 1/2" in d and "5/10" in d and "loss 3.25 lr 1.500e-04 img/s 120" in d
+               for d in draws)
+    assert "10/10" in draws[-1] and "loss 3" in draws[-1]
     quiet = io.StringIO()  # not a terminal: nothing drawn
     bar = ProgressBar(10, file=quiet)
     bar.update(5, loss=1.0)
@@ -339,6 +343,8 @@ def test_time_budget_stops_between_epochs_and_the_run_can_be_resumed(tmp_path, c
     assert result["epochs_trained"] == 1  # the first epoch always runs
     out = capsys.readouterr().out
     assert "stopping before epoch 2" in out
+    # stdout is not a terminal: no progress bar, one summary line for the epoch
+    assert "\r" not in out and out.count("epoch 1/2") == 1 and "epoch 1/2: loss " in out
     # epoch 1's evaluation is the final figure: not computed a second time
     assert out.count("k-NN (after") == 1
     knn = [r for r in read_log(tmp_path) if r["type"] == "knn"]
@@ -368,9 +374,9 @@ def test_batched_augmentation_needs_images_of_one_size(tmp_path, capsys):
 
 
 def test_defaults_depend_on_the_data_set_and_flags_win(tmp_path):
-    parser = train.get_args_parser()
+    parser = train_args.get_args_parser()
     demo = parser.parse_args(["--output_dir", str(tmp_path / "a")])
-    train.validate_args(demo, parser)
+    train_args.validate_args(demo, parser)
     assert (demo.embed_dim, demo.num_heads, demo.epochs) == (96, 3, 30)  # the quick CPU demo
     assert (demo.train_samples, demo.knn_train_samples, demo.knn_test_samples) == (2000, 2000, 1000)
     folder = tmp_path / "images" / "cls"
@@ -378,9 +384,9 @@ def test_defaults_depend_on_the_data_set_and_flags_win(tmp_path):
     Image.new("RGB", (8, 8)).save(folder / "0.png")
     real = parser.parse_args(["--output_dir", str(tmp_path / "b"),
                               "--data_path", str(tmp_path / "images")])
-    train.validate_args(real, parser)
+    train_args.validate_args(real, parser)
     assert (real.embed_dim, real.num_heads, real.epochs, real.train_samples) == (0, 0, 10, 0)
     chosen = parser.parse_args(["--output_dir", str(tmp_path / "c"), "--embed_dim", "0",
                                 "--num_heads", "0", "--epochs", "5"])
-    train.validate_args(chosen, parser)
+    train_args.validate_args(chosen, parser)
     assert (chosen.embed_dim, chosen.num_heads, chosen.epochs) == (0, 0, 5)

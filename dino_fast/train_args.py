@@ -1,0 +1,375 @@
+"""The training script's command line: the flags (named as the official main_dino.py's), their
+data-set dependent defaults, and the checks that reject a bad combination before any work starts.
+
+    from dino_fast.train_args import get_args_parser, validate_args
+    parser = get_args_parser()
+    args = parser.parse_args(["--data_path", "cifar10", "--epochs", "30"])
+    validate_args(args, parser)        # fills the defaults; exits with status 2 on bad flags
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dino_fast.augmentation import check_crop_scale, check_crop_size
+from dino_fast.backend import interpreter_enabled, triton_available
+from dino_fast.checks import check_int, check_positive, check_unit_interval
+from dino_fast.data import build_dataset, eval_split
+from dino_fast.models import VIT_ARCHS, check_vit_args
+from dino_fast.optim import OPTIMIZERS
+
+# Defaults that depend on the data set: (the quick CPU demo on the procedural images, real data).
+# The demo trains a narrower ViT (width 96, 3 heads: 1.7x the images/s of vit_tiny's 192) for
+# more steps, which is what lifted its k-NN within minutes (README); real data sets use all their
+# images and the architecture's own width.
+DATASET_DEFAULTS = {
+    "train_samples": (2000, 0), "knn_train_samples": (2000, 0), "knn_test_samples": (1000, 0),
+    "embed_dim": (96, 0), "num_heads": (3, 0), "epochs": (30, 10),
+}
+
+# Arguments that fix the shapes of the saved networks: a checkpoint resumes only with the same.
+MODEL_ARGS = ("arch", "patch_size", "depth", "embed_dim", "num_heads", "image_size", "out_dim",
+              "head_hidden_dim", "head_bottleneck_dim", "use_bn_in_head", "norm_last_layer",
+              "local_crops_number")
+
+
+# how check_vit_args names build_vit's arguments in the messages
+_VIT_FLAGS = {"arch": "--arch", "patch_size": "--patch_size", "drop_path_rate": "--drop_path_rate",
+              "embed_dim": "--embed_dim", "num_heads": "--num_heads"}
+
+
+def bool_flag(s: str) -> bool:
+    """argparse type for `--flag true|false` (the official script's style)."""
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "dino-fast-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="DINO self-supervised training of a Vision Transformer. With no argument: "
+                    "a small ViT on the built-in procedural images, on the CPU, in a few "
+                    "minutes, reporting k-NN accuracy before and after training.")
+
+    # * Model parameters
+    p = parser.add_argument_group("model")
+    p.add_argument("--arch", default="vit_tiny", choices=sorted(VIT_ARCHS),
+                   help="ViT architecture (width and heads; 12 blocks unless --depth). vit_small "
+                        "is the paper's workhorse; vit_tiny for small images and CPUs.")
+    p.add_argument("--patch_size", default=8, type=int,
+                   help="size in pixels of the ViT patches. The paper uses 16 (or 8: better, "
+                        "but 4x the tokens) at 224 px. At 32 px, 8 (4x4 patches) is the quick "
+                        "CPU demo; 4 sees finer shapes at 4x the cost.")
+    p.add_argument("--depth", default=4, type=int,
+                   help="number of transformer blocks; 0 keeps the architecture's own (12 for "
+                        "every official ViT). The default 4 is the quick CPU model.")
+    p.add_argument("--embed_dim", default=None, type=int,
+                   help="override the architecture's width (0: keep it; 192/384/768 for "
+                        "vit_tiny/small/base). Default: 96 on the procedural demo, 0 otherwise")
+    p.add_argument("--num_heads", default=None, type=int,
+                   help="override the number of attention heads (0: keep the architecture's). "
+                        "Default: 3 on the procedural demo, 0 otherwise")
+    p.add_argument("--out_dim", default=1024, type=int,
+                   help="dimensionality of the DINO head output (the number of prototypes). "
+                        "The paper uses 65536 on ImageNet; for complex data use a large value, "
+                        "a few thousand suffices for small data sets.")
+    p.add_argument("--head_hidden_dim", default=512, type=int,
+                   help="width of the head's MLP (the paper: 2048; 512 keeps the quick CPU "
+                        "model's head small next to its backbone)")
+    p.add_argument("--head_bottleneck_dim", default=256, type=int,
+                   help="dimension of the L2-normalised bottleneck before the last layer (the "
+                        "paper: 256)")
+    p.add_argument("--norm_last_layer", default=True, type=bool_flag,
+                   help="whether to weight-normalise (and freeze the norm of) the last layer of "
+                        "the head. Normalising makes training more stable; set false for better "
+                        "performance with vit_small if training is stable.")
+    p.add_argument("--momentum_teacher", default=0.99, type=float,
+                   help="base EMA momentum of the teacher, raised to 1 with a cosine schedule "
+                        "over training. The paper: 0.996 (0.9995 with batch size 256); short "
+                        "runs of a few hundred steps need a teacher that moves faster (0.99).")
+    p.add_argument("--use_bn_in_head", default=False, type=bool_flag,
+                   help="whether to use batch normalisation in the projection head (false "
+                        "for ViTs)")
+    p.add_argument("--drop_path_rate", default=0.1, type=float,
+                   help="stochastic depth rate of the student")
+
+    # * Temperature teacher parameters
+    p = parser.add_argument_group("teacher temperature")
+    p.add_argument("--warmup_teacher_temp", default=0.025, type=float,
+                   help="initial teacher temperature (the paper: 0.04). Try lowering it if the "
+                        "loss does not decrease.")
+    p.add_argument("--teacher_temp", default=0.025, type=float,
+                   help="final teacher temperature. The paper uses 0.04 and raises it slowly (up "
+                        "to 0.07, with a warm-up) if training is stable. Short runs of a small "
+                        "ViT on the procedural demo stay near the uniform output at 0.04; "
+                        "0.025 sharpens enough there. On CIFAR-10, 0.04 did better (README).")
+    p.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
+                   help="number of epochs of linear warm-up from --warmup_teacher_temp to "
+                        "--teacher_temp (the paper uses 30 of 100+)")
+
+    # * Training/Optimization parameters
+    p = parser.add_argument_group("training and optimisation")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="mixed precision of the forward passes: bf16 (auto's choice on CUDA), "
+                        "fp16 (with a gradient scaler) or fp32 (auto's choice on CPU). bf16/fp16 "
+                        "also run on the CPU (torch's CPU autocast), usually slower than fp32 "
+                        "there: for checking the mixed-precision path without a GPU. Use fp32 if "
+                        "the loss becomes unstable.")
+    p.add_argument("--weight_decay", default=0.04, type=float,
+                   help="initial weight decay (cosine schedule to --weight_decay_end); biases "
+                        "and norms are never decayed")
+    p.add_argument("--weight_decay_end", default=0.4, type=float,
+                   help="final weight decay. A cosine rise of the weight decay works better "
+                        "with ViTs.")
+    p.add_argument("--clip_grad", default=3.0, type=float,
+                   help="maximal L2 norm of each parameter's gradient (0: no clipping). Clipping "
+                        "helps optimisation of larger ViTs; try values around 0.3 to 1.0.")
+    p.add_argument("--batch_size_per_gpu", default=32, type=int,
+                   help="images per process and step (the total batch is this times the number "
+                        "of processes; the learning rate scales with it). On CIFAR-10 in 28 CPU "
+                        "minutes 64 did better than 32 and 128 (README)")
+    p.add_argument("--epochs", default=None, type=int,
+                   help="number of training epochs. Default: 30 on the procedural demo, 10 "
+                        "otherwise")
+    p.add_argument("--freeze_last_layer", default=10, type=int,
+                   help="number of epochs during which the output layer is kept fixed. The "
+                        "paper: 1; increase it if the loss does not decrease. In the CPU demo "
+                        "releasing it at epoch 10 raises the loss (the teacher moves towards the "
+                        "uniform output) while k-NN keeps rising.")
+    p.add_argument("--lr", default=0.004, type=float,
+                   help="peak learning rate at a total batch of 256 (linearly scaled with the "
+                        "total batch size), reached after --warmup_epochs. The paper uses "
+                        "0.0005 for 100+ epochs; short runs on small data like higher values.")
+    p.add_argument("--warmup_epochs", default=1, type=int,
+                   help="epochs of linear learning-rate warm-up (the paper: 10)")
+    p.add_argument("--min_lr", default=1e-6, type=float,
+                   help="learning rate at the end of the cosine schedule")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="adamw is recommended for ViTs; sgd with momentum or lars for convnets")
+
+    # * Multi-crop parameters
+    p = parser.add_argument_group("multi-crop augmentation")
+    p.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2,
+                   help="scale range of the two global crops, as fractions of the image area. "
+                        "The paper uses (0.4, 1.) without local crops and (0.14, 1.) or "
+                        "(0.25, 1.) with several.")
+    p.add_argument("--local_crops_number", default=4, type=int,
+                   help="number of small local crops (0: none; the paper uses 8 or 10)")
+    p.add_argument("--local_crops_scale", default=(0.05, 0.4), type=float, nargs=2,
+                   help="scale range of the local crops. Keep its upper end at the lower end "
+                        "of --global_crops_scale.")
+    p.add_argument("--image_size", default=32, type=int,
+                   help="side of the global crops in pixels (the paper: 224); the position "
+                        "embeddings are stored at this size")
+    p.add_argument("--local_crop_size", default=16, type=int,
+                   help="side of the local crops in pixels (the paper: 96)")
+    p.add_argument("--augmentation", default="pil", choices=("pil", "batched"),
+                   help="'pil': the official per-image pipeline in the data loader; 'batched': "
+                        "the same recipe on whole batches of tensors on the training device "
+                        "(several times faster; needs images of one size, e.g. CIFAR-10)")
+
+    # * Misc
+    p = parser.add_argument_group("data, output and run control")
+    p.add_argument("--data_path", default="procedural", type=str,
+                   help="'procedural' (built-in images, no download), a folder of class "
+                        "subfolders (its train/ subfolder when there is one, ImageNet-style), "
+                        "or 'cifar10[:root]' (torchvision's CIFAR-10 files under root)")
+    p.add_argument("--train_samples", default=None, type=int,
+                   help="train on a fixed random subset of this many images (0: all). Default: "
+                        "all images of a real data set, 2000 of the procedural one (the quick "
+                        "CPU demo)")
+    p.add_argument("--output_dir", default="dino_output", type=str,
+                   help="where checkpoints, the log (log.jsonl) and the pictures go")
+    p.add_argument("--saveckp_freq", default=20, type=int,
+                   help="also keep a copy checkpointNNNN.pth every this many epochs "
+                        "(checkpoint.pth is rewritten after every epoch)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue a run from a checkpoint: a path, or no value for "
+                        "output_dir/checkpoint.pth. Resuming reproduces the uninterrupted run "
+                        "exactly (same random streams and data order).")
+    p.add_argument("--seed", default=0, type=int, help="random seed")
+    p.add_argument("--num_workers", default=1, type=int,
+                   help="data loading processes per GPU (0: load in the training process)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto: the process's GPU when CUDA is available, else the CPU")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "eager"),
+                   help="fused Triton kernels (loss and EMA) or the eager PyTorch ops; auto: "
+                        "Triton on CUDA, eager on CPU")
+    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the ViTs (default: on with CUDA, off on CPU)")
+    p.add_argument("--max_train_minutes", default=0.0, type=float,
+                   help="time budget: do not start an epoch expected to end past this many "
+                        "minutes of training (0: no limit). The schedules still span --epochs; "
+                        "a later --resume continues.")
+    p.add_argument("--log_freq", default=10, type=int,
+                   help="log (log.jsonl, progress bar loss) every this many steps")
+
+    # * Evaluation
+    p = parser.add_argument_group("evaluation")
+    p.add_argument("--knn_freq", default=5, type=int,
+                   help="weighted k-NN accuracy of the teacher every this many epochs (0: only "
+                        "before and after training)")
+    p.add_argument("--knn_before", default=True, type=bool_flag,
+                   help="also evaluate the randomly initialised teacher before training")
+    p.add_argument("--nb_knn", default=20, type=int, help="number of neighbours k")
+    p.add_argument("--knn_temperature", default=0.07, type=float,
+                   help="temperature of the exp(cosine / T) neighbour votes")
+    p.add_argument("--knn_train_samples", default=None, type=int,
+                   help="k-NN bank: a fixed random subset of this many training images (0: all; "
+                        "default: all of a real data set, 2000 procedural images)")
+    p.add_argument("--knn_test_samples", default=None, type=int,
+                   help="k-NN queries: a fixed random subset of this many test images (0: all; "
+                        "default: all of a real data set, 1000 procedural images)")
+    p.add_argument("--attention_images", default=4, type=int,
+                   help="held-out images in the attention-map picture (0: no picture)")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: every check that can fail runs before any work starts
+
+
+def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Reject missing paths and incompatible flags with a message that says what to change.
+    Also fills the data-set dependent defaults (DATASET_DEFAULTS)."""
+    def fail(msg):  # the message alone: the whole usage would bury it
+        parser.exit(2, f"{parser.prog}: error: {msg}\n")
+
+    demo = args.data_path == "procedural"
+    for name, (demo_value, real_value) in DATASET_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, demo_value if demo else real_value)
+
+    # the checks the library's own functions make, with the flags' names in the messages
+    try:
+        for name in ("epochs", "batch_size_per_gpu", "log_freq", "out_dim", "nb_knn",
+                     "head_hidden_dim", "head_bottleneck_dim"):
+            check_int(getattr(args, name), f"--{name}", 1)
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
+                     "local_crops_number", "num_workers", "saveckp_freq", "knn_freq", "depth",
+                     "embed_dim", "num_heads", "train_samples", "knn_train_samples",
+                     "knn_test_samples", "attention_images"):
+            check_int(getattr(args, name), f"--{name}", 0)
+        for name in ("lr", "warmup_teacher_temp", "teacher_temp", "knn_temperature"):
+            check_positive(getattr(args, name), f"--{name}")
+        check_unit_interval(args.momentum_teacher, "--momentum_teacher")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            check_crop_scale(getattr(args, name), f"--{name}")
+        for name in ("image_size", "local_crop_size"):
+            check_crop_size(getattr(args, name), f"--{name}")
+            check_vit_args(args.arch, args.patch_size, getattr(args, name), args.drop_path_rate,
+                           args.embed_dim, args.num_heads,
+                           names={**_VIT_FLAGS, "img_size": f"--{name}"})
+    except (TypeError, ValueError) as exc:
+        fail(str(exc))
+    # flags that only the command line combines
+    if args.warmup_epochs > args.epochs:
+        fail(f"--warmup_epochs ({args.warmup_epochs}) cannot exceed --epochs ({args.epochs})")
+    if args.warmup_teacher_temp_epochs > args.epochs:
+        fail(f"--warmup_teacher_temp_epochs ({args.warmup_teacher_temp_epochs}) cannot exceed "
+             f"--epochs ({args.epochs})")
+    for name in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "max_train_minutes"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
+
+    # hardware: the device, the precision and the kernels must be able to run
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was requested but CUDA is not available; use --device cpu")
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+        fail("this GPU does not support bf16: use --precision fp16 or fp32")
+    if args.backend == "triton":
+        if not triton_available():
+            fail("--backend triton was requested but Triton cannot be imported: install triton "
+                 "or use --backend auto")
+        if not on_cuda and not interpreter_enabled():
+            fail("--backend triton on the CPU needs the Triton interpreter (TRITON_INTERPRET=1, "
+                 "slow; for tests only): use --backend auto, or run on CUDA")
+
+    # data and output locations
+    check_data_path(args, fail)
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        fail(f"--output_dir {out} exists and is not a folder")
+    if args.resume is not None:
+        ckpt = resume_path(args)
+        if not ckpt.is_file():
+            fail(f"--resume: no checkpoint at {ckpt}" + (
+                " (--resume without a value reads output_dir/checkpoint.pth)"
+                if args.resume == "auto" else ""))
+    elif (out / "checkpoint.pth").exists():
+        fail(f"{out / 'checkpoint.pth'} exists from an earlier run: pass --resume to continue it, "
+             f"or choose another --output_dir")
+
+
+def check_data_path(args, fail) -> None:
+    """Open the training and test splits once (file listing only) so that a wrong path fails now;
+    for --augmentation batched, check that a sample of training images share one size."""
+    for split in ("train", eval_split(args.data_path)):
+        try:
+            dataset = build_dataset(args.data_path, split, None, image_size=args.image_size)
+        except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+            fail(f"--data_path {args.data_path}: {exc}")
+        if split == "train" and args.augmentation == "batched" and len(dataset):
+            probe = np.linspace(0, len(dataset) - 1, min(len(dataset), 32)).round().astype(int)
+            sizes = sorted({image_size_of(dataset, int(i)) for i in probe})
+            if len(sizes) > 1:
+                fail(f"--augmentation batched needs training images of one size; {args.data_path} "
+                     f"has several (width x height: {', '.join(f'{w}x{h}' for w, h in sizes)}): "
+                     f"use --augmentation pil or resize the images")
+
+
+def image_size_of(dataset, index: int) -> tuple[int, int]:
+    """(width, height) of a dataset's image, from the file header where the dataset has paths."""
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:  # ImageFolder: no decoding
+        with Image.open(samples[index][0]) as image:
+            return image.size
+    return dataset[index][0].size
+
+
+def resume_path(args) -> Path:
+    """The checkpoint --resume reads: its path, or output_dir/checkpoint.pth without a value."""
+    return Path(args.output_dir, "checkpoint.pth") if args.resume == "auto" else Path(args.resume)
+
+
+def check_resume_compatible(ckpt: dict, args, needs_scaler: bool) -> None:
+    """The networks of a checkpoint must have the shapes this run builds, and an fp16 run needs
+    the gradient scaler's state."""
+    saved = ckpt["args"]
+    diff = [f"--{k} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r} (now)"
+            for k in MODEL_ARGS if k in saved and _norm(saved[k]) != _norm(getattr(args, k))]
+    if diff:
+        raise SystemExit("error: --resume: the checkpoint was trained with other model settings: "
+                         + "; ".join(diff) + ". Pass the checkpoint's values.")
+    if saved.get("augmentation", "pil") != args.augmentation:
+        warnings.warn(f"--resume: the checkpoint was trained with --augmentation "
+                      f"{saved.get('augmentation', 'pil')} and this run uses "
+                      f"{args.augmentation}: training continues, but the crops differ from "
+                      f"those the uninterrupted run would have drawn", RuntimeWarning,
+                      stacklevel=2)
+    if needs_scaler and ckpt.get("scaler") is None:
+        raise SystemExit(f"error: --resume: this run uses --precision fp16, whose gradient scaler "
+                         f"the checkpoint has no state for (it was trained with --precision "
+                         f"{saved.get('precision')}): resume with that precision")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def train_args_from_checkpoint(ckpt: dict) -> argparse.Namespace:
+    """The training arguments stored in a checkpoint, on top of the current defaults (flags
+    added after the checkpoint was written keep their default)."""
+    args = get_args_parser().parse_args([])
+    for key, value in ckpt["args"].items():
+        setattr(args, key, value)
+    return args
