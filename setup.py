@@ -6,7 +6,8 @@ from pathlib import Path
 from setuptools import setup
 
 HERE = Path(__file__).parent
-VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "dino_fast" / "__init__.py").read_text()).group(1)
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (HERE / "dino_fast" / "__init__.py").read_text()).group(1)
 
 setup(
     name="dino_fast",

@@ -43,8 +43,8 @@ def load_rows(path: str | Path) -> tuple[dict, list[dict]]:
     return data.get("machine_info", {}), rows
 
 
-def group_rows(rows: list[dict]) -> "OrderedDict[str, list[dict]]":
-    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+def group_rows(rows: list[dict]) -> OrderedDict[str, list[dict]]:
+    groups: OrderedDict[str, list[dict]] = OrderedDict()
     for row in rows:
         groups.setdefault(row["group"], []).append(row)
     for members in groups.values():
@@ -60,7 +60,7 @@ def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def markdown(machine: dict, groups: "OrderedDict[str, list[dict]]") -> str:
+def markdown(machine: dict, groups: OrderedDict[str, list[dict]]) -> str:
     cpu = machine.get("cpu", {}).get("brand_raw", "")
     lines = [f"Machine: {machine.get('node', '?')}, {cpu}".rstrip(", "), ""]
     for group, members in groups.items():
@@ -79,7 +79,7 @@ def markdown(machine: dict, groups: "OrderedDict[str, list[dict]]") -> str:
     return "\n".join(lines)
 
 
-def chart(groups: "OrderedDict[str, list[dict]]", out: str | Path) -> None:
+def chart(groups: OrderedDict[str, list[dict]], out: str | Path) -> None:
     """One horizontal bar panel per group: speed-up over that group's baseline."""
     import matplotlib
     matplotlib.use("Agg")

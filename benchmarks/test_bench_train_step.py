@@ -74,7 +74,8 @@ class _Trainer:
             self.loss = OfficialDINOLoss(cfg["out_dim"], ncrops).to(device)
         else:
             self.loss = DINOLoss(cfg["out_dim"], ncrops, 0.04, 0.04, 0, 100).to(device)
-            self.ema = TeacherEMA(self.student, self.teacher, MOMENTUM, 1.0, total_steps=TOTAL_STEPS)
+            self.ema = TeacherEMA(self.student, self.teacher, MOMENTUM, 1.0,
+                                  total_steps=TOTAL_STEPS)
             if cfg["compile"]:
                 compile_backbone(self.student)
                 compile_backbone(self.teacher)
@@ -120,9 +121,9 @@ def setups():
                                  **cfg["overrides"])
             student0 = MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, cfg["out_dim"]))
             student0 = student0.to(device)
-            g, l = cfg["sizes"]
+            g, loc = cfg["sizes"]
             images = ([torch.randn(cfg["batch"], 3, g, g, device=device) for _ in range(2)]
-                      + [torch.randn(cfg["batch"], 3, l, l, device=device)
+                      + [torch.randn(cfg["batch"], 3, loc, loc, device=device)
                          for _ in range(cfg["local_crops"])])
             trainers = {way: _Trainer(way, student0, cfg, device)
                         for way in ("official", "dino_fast")}

@@ -38,7 +38,7 @@ class _Models:
         for res_name, size in (("global", cfg["img_size"]), ("local", cfg["local_size"])):
             self.images[res_name] = torch.randn(cfg["batch"], 3, size, size, device=device)
             start = time.perf_counter()
-            synchronized(lambda: self.step(self.compiled, res_name), device)()
+            synchronized(lambda name=res_name: self.step(self.compiled, name), device)()
             self.compile_s[res_name] = round(time.perf_counter() - start, 2)
 
     def step(self, model, res_name):

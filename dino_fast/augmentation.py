@@ -13,14 +13,15 @@ DataLoader's per-worker seeds make the crops reproducible) and its transforms.v2
 kernels, on PIL images until the final conversion as the official pipeline. What is written here
 is only the composition: calling the v2 transform classes costs 5-10x more than their kernels on
 small images (about 1.5-2.5 ms against 0.35 ms per 32 px crop on a 2-core CPU, measured), which
-would have made the augmentation rather than the model the cost of a CPU training step. The blur is PIL's
-GaussianBlur as in the official code (torchvision's blur on a PIL image is a tensor round trip,
-7x slower at 32 px), with its radius range scaled to the crop size (see `blur_radius`).
+would have made the augmentation rather than the model the cost of a CPU training step. The blur
+is PIL's GaussianBlur as in the official code (torchvision's blur on a PIL image is a tensor round
+trip, 7x slower at 32 px), with its radius range scaled to the crop size (see `blur_radius`).
 """
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from PIL import Image, ImageFilter

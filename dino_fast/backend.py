@@ -24,7 +24,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when the `triton` package can be imported (it has Linux wheels only)."""
     if importlib.util.find_spec("triton") is None:

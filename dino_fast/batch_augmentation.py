@@ -30,14 +30,22 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from dino_fast.augmentation import (COLOR_JITTER_P, FLIP_P, GRAYSCALE_P, SOLARIZE_THRESHOLD,
-                                    CropTransform, DataAugmentationDINO, _to_rgb_pil)
+from dino_fast.augmentation import (
+    COLOR_JITTER_P,
+    FLIP_P,
+    GRAYSCALE_P,
+    SOLARIZE_THRESHOLD,
+    CropTransform,
+    DataAugmentationDINO,
+    _to_rgb_pil,
+)
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
@@ -53,7 +61,7 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A small constant tensor, copied to each device once."""
     return torch.tensor(values, dtype=dtype).to(device)

@@ -1,7 +1,8 @@
 """Checkpoints: training checkpoints written atomically and restored exactly, and official DINO
 checkpoints loaded into dino_fast's models. `read_checkpoint` is the one file reader of both.
 
-A training checkpoint is a plain dict of tensors and Python scalars (loadable with `weights_only=True`):
+A training checkpoint is a plain dict of tensors and Python scalars (loadable with
+`weights_only=True`):
 
     epoch       number of finished epochs (training resumes at this epoch index)
     student     state_dict of the student (MultiCropWrapper: backbone.* and head.*), unwrapped
@@ -24,8 +25,9 @@ import argparse
 import os
 import pickle
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn

@@ -119,7 +119,8 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     angle = rng.uniform(0, np.pi)
     u = xx * np.float32(math.cos(angle)) + yy * np.float32(math.sin(angle))  # (size, size)
     if kind == "stripes":
-        freq, phase = np.float32(2 * np.pi * rng.uniform(2, 6)), np.float32(2 * np.pi * rng.random())
+        freq = np.float32(2 * np.pi * rng.uniform(2, 6))
+        phase = np.float32(2 * np.pi * rng.random())
         return 0.5 + 0.5 * np.sin(freq * u + phase)
     if kind == "checker":
         cells = rng.integers(2, 7)

@@ -19,7 +19,8 @@ momentum, a step past the schedule) a clear error names the argument and nothing
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -28,7 +29,6 @@ from dino_fast.backend import check_backend_name, resolve_backend
 from dino_fast.checks import check_index, check_int, check_unit_interval
 from dino_fast.models import unwrap_model
 from dino_fast.schedules import cosine_scheduler
-
 
 # ----------------------------------------------------------------------------------------------
 # validation (shared by both backends, runs before any write)

@@ -12,8 +12,9 @@ Official checkpoints load with `dino_fast.checkpoint.load_official_checkpoint`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn

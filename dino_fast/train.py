@@ -32,11 +32,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dino_fast import distributed
 from dino_fast.augmentation import DataAugmentationDINO, collate_crops
 from dino_fast.backend import resolve_backend
-from dino_fast.batch_augmentation import (BatchedDataAugmentationDINO, collate_images,
-                                          to_uint8_tensor)
+from dino_fast.batch_augmentation import (
+    BatchedDataAugmentationDINO,
+    collate_images,
+    to_uint8_tensor,
+)
 from dino_fast.builders import build_backbone, build_head, build_knn_datasets
-from dino_fast.checkpoint import (atomic_torch_save, load_checkpoint, restore_training_state,
-                                  training_state)
+from dino_fast.checkpoint import (
+    atomic_torch_save,
+    load_checkpoint,
+    restore_training_state,
+    training_state,
+)
 from dino_fast.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, subset
 from dino_fast.distributed import DistEnv
 from dino_fast.ema import TeacherEMA
@@ -44,12 +51,21 @@ from dino_fast.knn import knn_accuracy
 from dino_fast.loss import DINOLoss
 from dino_fast.models import MultiCropWrapper, compile_backbone, unwrap_model
 from dino_fast.monitor import NonFiniteGuard, NonFiniteLoss, collapse_warning, teacher_entropies
-from dino_fast.optim import (apply_schedules, build_optimizer, cancel_gradients_last_layer,
-                             clip_gradients, get_params_groups)
+from dino_fast.optim import (
+    apply_schedules,
+    build_optimizer,
+    cancel_gradients_last_layer,
+    clip_gradients,
+    get_params_groups,
+)
 from dino_fast.progress import ProgressBar
 from dino_fast.schedules import cosine_scheduler, scaled_lr
-from dino_fast.train_args import (check_resume_compatible, get_args_parser, resume_path,
-                                  validate_args)
+from dino_fast.train_args import (
+    check_resume_compatible,
+    get_args_parser,
+    resume_path,
+    validate_args,
+)
 from dino_fast.training_log import JsonlLog
 
 
@@ -113,7 +129,8 @@ def run(argv=None) -> dict:
         and 1 when the loss becomes non-finite.
 
     Example:
-        >>> run(["--epochs", "2", "--output_dir", "/tmp/dino"])["knn_after"]["knn_top1"]  # doctest: +SKIP
+        >>> result = run(["--epochs", "2", "--output_dir", "/tmp/dino"])  # doctest: +SKIP
+        >>> result["knn_after"]["knn_top1"]                                # doctest: +SKIP
     """
     parser = get_args_parser()
     args = parser.parse_args(argv)

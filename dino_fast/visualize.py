@@ -4,8 +4,8 @@ Rendered with matplotlib's Agg backend (no display needed).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

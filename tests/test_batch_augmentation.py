@@ -1,7 +1,6 @@
 """The batched multi-crop augmentation: every operation against torchvision's kernel on the same
 parameters, the crop sampler against torchvision's, the recipe's probabilities per crop, seeding,
 shapes and devices, bad input, and the loader pieces (uint8 transform, collate)."""
-import math
 
 import numpy as np
 import pytest
@@ -12,8 +11,12 @@ from torchvision.transforms.v2 import functional as TF
 
 import dino_fast.batch_augmentation as B
 from dino_fast.augmentation import DataAugmentationDINO
-from dino_fast.batch_augmentation import (BatchedDataAugmentationDINO, collate_images,
-                                          sample_crop_boxes, to_uint8_tensor)
+from dino_fast.batch_augmentation import (
+    BatchedDataAugmentationDINO,
+    collate_images,
+    sample_crop_boxes,
+    to_uint8_tensor,
+)
 
 
 def gen(seed=0):

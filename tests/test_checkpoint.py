@@ -4,8 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from dino_fast.checkpoint import (atomic_torch_save, load_checkpoint, restore_training_state,
-                                  training_state)
+from dino_fast.checkpoint import (
+    atomic_torch_save,
+    load_checkpoint,
+    restore_training_state,
+    training_state,
+)
 from dino_fast.loss import DINOLoss
 
 

@@ -48,8 +48,8 @@ def test_vote_weights_favour_the_closest_neighbour_over_the_majority():
 
 def test_k_larger_than_the_bank_uses_the_whole_bank():
     f = F.normalize(torch.randn(5, 4), dim=1)
-    l = torch.arange(5)
-    assert knn_classifier(f, l, f, l, k=20, temperature=0.07)[0] == 100.0
+    labels = torch.arange(5)
+    assert knn_classifier(f, labels, f, labels, k=20, temperature=0.07)[0] == 100.0
 
 
 def test_extract_features_are_l2_normalised_and_in_dataset_order():
@@ -78,6 +78,7 @@ def _sharded_features(rank, port, result_path):
 
 def test_features_embedded_on_two_ranks_come_back_in_dataset_order(tmp_path):
     import socket
+
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dino_fast.head import DINOHead, WeightNormLinear
 from dino_fast.checkpoint import load_official_checkpoint
+from dino_fast.head import DINOHead, WeightNormLinear
 from dino_fast.models import MultiCropWrapper, build_vit, compile_backbone, last_selfattention
 
 
@@ -400,7 +400,7 @@ def test_compiled_student_matches_eager_with_one_graph_per_resolution():
     counter = CompileCounterWithBackend("aot_eager")
     assert compile_backbone(compiled, backend=counter) is compiled
     assert list(compiled.state_dict()) == keys  # no `_orig_mod.` in the names
-    for step in range(3):
+    for _ in range(3):
         crops = [torch.randn(2, 3, 16, 16) for _ in range(2)] + [torch.randn(2, 3, 8, 8)
                                                                   for _ in range(2)]
         out_c, out_e = compiled(crops), eager(crops)

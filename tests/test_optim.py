@@ -1,14 +1,18 @@
-import math
-
 import pytest
 import torch
 from torch import nn
 
-from reference import official_clip_gradients
-
 from dino_fast.head import DINOHead
-from dino_fast.optim import (LARS, apply_schedules, build_optimizer, cancel_gradients_last_layer,
-                             clip_gradients, get_params_groups)
+from dino_fast.optim import (
+    LARS,
+    apply_schedules,
+    build_optimizer,
+    cancel_gradients_last_layer,
+    clip_gradients,
+    get_params_groups,
+)
+
+from reference import official_clip_gradients
 
 
 def _model():
