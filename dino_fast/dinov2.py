@@ -17,7 +17,8 @@ official classes. Differences, all on inputs the official classes get wrong or r
   forward compute a bf16 log-softmax for bf16 inputs); KoLeo computes in fp32 (the official fp16
   KoLeo rounds its eps 1e-8 to 0 and returns inf for duplicate features);
 - bad input raises an error naming the argument before anything, the center included, changes;
-- the center is updated in place (the buffer keeps its identity).
+- the center is updated in place (the buffer keeps its identity), and a teacher on another
+  device than the center is an error (the official iBOT class moves its center to the teacher).
 
 The cross-entropies go through `soft_cross_entropy` (one call per forward, every student crop
 against every teacher crop, with pair and row weights), whose `backend` ("auto" | "triton" |
