@@ -12,6 +12,8 @@
 Importing dino_fast loads no Triton kernel: the kernel modules (dino_fast.kernels.*) are imported
 on the first call that runs one, so TRITON_INTERPRET can still be set after `import dino_fast`.
 """
+import importlib
+
 __version__ = "0.1.0"
 
 from dino_fast.augmentation import DataAugmentationDINO
@@ -20,7 +22,6 @@ from dino_fast.checkpoint import load_official_checkpoint
 from dino_fast.data import ProceduralShapes, build_dataset
 from dino_fast.ema import TeacherEMA, ema_update_
 from dino_fast.head import DINOHead
-from dino_fast.knn import knn_accuracy
 from dino_fast.loss import DINOLoss, dino_loss, dino_loss_eager
 from dino_fast.models import MultiCropWrapper, build_vit, last_selfattention
 from dino_fast.schedules import cosine_scheduler
@@ -38,3 +39,13 @@ __all__ = [
     "cosine_scheduler", "knn_accuracy",
     "__version__",
 ]
+
+# Names from modules that are also scripts (`python -m dino_fast.knn`): imported on first use, so
+# that running the script does not find its module already imported by the package.
+_LAZY = {"knn_accuracy": "dino_fast.knn"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dino_fast' has no attribute {name!r}")
