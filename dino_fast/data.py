@@ -6,10 +6,10 @@ rotation) on a textured background; brightness, polarity, a faint tint and the t
 nuisances, so a representation that k-NN classifies well has learnt shape.
 
 Why a grid of muted shapes: DINO learns whatever two crops of one image share after the
-augmentation. With one shape in saturated random colours (this data set's first version), the
-colours were what the crops shared most, and a 4-minute CPU run learnt them: k-NN on shape
-stayed at chance (10.7 % before, 10.5 % after). Repeating the shape puts it in every crop, local
-ones included, and muting the colours leaves the shape the strongest thing the crops share.
+augmentation. With one shape per image in saturated random colours, the colours are what the
+crops share most, and a 4-minute CPU run learns them: k-NN on shape stays at chance (10.7 %
+before, 10.5 % after). Repeating the shape puts it in every crop, local ones included, and
+muting the colours leaves the shape the strongest thing the crops share.
 
 `build_dataset(data_path, split, transform)` picks the dataset from a string: "procedural", an
 image folder, or "cifar10[:root]"; `eval_split` names the held-out split of a data path and

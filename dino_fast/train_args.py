@@ -25,8 +25,8 @@ from dino_fast.optim import OPTIMIZERS
 
 # Defaults that depend on the data set: (the quick CPU demo on the procedural images, real data).
 # The demo trains a narrower ViT (width 96, 3 heads: 1.7x the images/s of vit_tiny's 192) for
-# more steps, which is what lifted its k-NN within minutes (README); real data sets use all their
-# images and the architecture's own width.
+# more steps, which is what lifts its k-NN within minutes (benchmarks/RESULTS.md); real data sets
+# use all their images and the architecture's own width.
 DATASET_DEFAULTS = {
     "train_samples": (2000, 0), "knn_train_samples": (2000, 0), "knn_test_samples": (1000, 0),
     "embed_dim": (96, 0), "num_heads": (3, 0), "epochs": (30, 10),
@@ -110,7 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="final teacher temperature. The paper uses 0.04 and raises it slowly (up "
                         "to 0.07, with a warm-up) if training is stable. Short runs of a small "
                         "ViT on the procedural demo stay near the uniform output at 0.04; "
-                        "0.025 sharpens enough there. On CIFAR-10, 0.04 did better (README).")
+                        "0.025 sharpens enough there. On CIFAR-10, 0.04 does better "
+                        "(benchmarks/RESULTS.md).")
     p.add_argument("--warmup_teacher_temp_epochs", default=0, type=int,
                    help="number of epochs of linear warm-up from --warmup_teacher_temp to "
                         "--teacher_temp (the paper uses 30 of 100+)")
@@ -135,7 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size_per_gpu", default=32, type=int,
                    help="images per process and step (the total batch is this times the number "
                         "of processes; the learning rate scales with it). On CIFAR-10 in 28 CPU "
-                        "minutes 64 did better than 32 and 128 (README)")
+                        "minutes 64 does better than 32 and 128 (benchmarks/RESULTS.md)")
     p.add_argument("--epochs", default=None, type=int,
                    help="number of training epochs. Default: 30 on the procedural demo, 10 "
                         "otherwise")

@@ -1,7 +1,8 @@
 """Datasets: the procedural shapes (determinism, balance, disjoint splits, nuisances independent of
-the class), build_dataset's choices, image folders (written here, and the shared CIFAR-10 copy when
-present) and clear errors on bad data."""
+the class), build_dataset's choices, image folders (written here, and a CIFAR-10 image folder when
+named by DINO_FAST_CIFAR10_FOLDER) and clear errors on bad data."""
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from PIL import Image
 
 from dino_fast.data import SHAPES, ProceduralShapes, build_dataset
 
-SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+# a CIFAR-10 folder in ImageFolder layout (train/ with 2,000 images per class, the full test/)
+CIFAR10_FOLDER = os.environ.get("DINO_FAST_CIFAR10_FOLDER", "")
 
 
 def digest(image) -> str:
@@ -180,10 +182,11 @@ def test_cifar10_without_files_explains_where_to_put_them(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing downloaded or created
 
 
-@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="no ../shared/data/cifar10 here")
-def test_shared_cifar10_image_folder():
-    train = build_dataset(str(SHARED_CIFAR10), "train", None)
-    test = build_dataset(str(SHARED_CIFAR10), "test", None)
+@pytest.mark.skipif(not CIFAR10_FOLDER or not Path(CIFAR10_FOLDER).is_dir(),
+                    reason="set DINO_FAST_CIFAR10_FOLDER to a CIFAR-10 image folder")
+def test_a_cifar10_image_folder_reads_as_cifar10():
+    train = build_dataset(CIFAR10_FOLDER, "train", None)
+    test = build_dataset(CIFAR10_FOLDER, "test", None)
     assert len(train.classes) == 10 and train.classes == test.classes
     assert len(train) == 20_000 and len(test) == 10_000
     assert np.bincount(train.targets).tolist() == [2000] * 10
