@@ -120,16 +120,24 @@ class DataAugmentationDINO:
     """The official DINO multi-crop augmentation: PIL image -> list of 2 + local_crops_number
     float32 tensors, [global 1 (3, G, G), global 2 (3, G, G), local (3, L, L) ...].
 
-    global_crops_scale / local_crops_scale: area fraction ranges of the random-resized crops.
-    global_size / local_size: crop sides in pixels (224 / 96 official; e.g. 32 / 16 at CIFAR
-        size). Any input size works; crops are resampled bicubically.
-    mean / std: normalisation statistics (ImageNet's by default, as the official code).
-    blur_radius: PIL GaussianBlur radius range (the Gaussian's standard deviation, in output
-        pixels). Default: the official (0.1, 2.0) scaled by global_size / 224 and used for every
-        crop, so 224/96 crops get the official blur exactly and smaller crops the same blur
-        relative to the image (a 2 px blur would wipe out a 16 px local crop).
+    Args:
+        global_crops_scale / local_crops_scale: area fraction ranges of the random-resized crops.
+        local_crops_number: number of local crops (the official default: 8).
+        global_size / local_size: crop sides in pixels (224 / 96 official; e.g. 32 / 16 at CIFAR
+            size). Any input size works; crops are resampled bicubically.
+        mean / std: normalisation statistics (ImageNet's by default, as the official code).
+        blur_radius: PIL GaussianBlur radius range (the Gaussian's standard deviation, in output
+            pixels). Default: the official (0.1, 2.0) scaled by global_size / 224 and used for
+            every crop, so 224/96 crops get the official blur exactly and smaller crops the same
+            blur relative to the image (a 2 px blur would wipe out a 16 px local crop).
 
     Randomness comes from torch's global stream: `torch.manual_seed(s)` reproduces the crops.
+
+    Example:
+        >>> from PIL import Image
+        >>> augment = DataAugmentationDINO(local_crops_number=2, global_size=32, local_size=16)
+        >>> [tuple(c.shape) for c in augment(Image.new("RGB", (40, 40)))]
+        [(3, 32, 32), (3, 32, 32), (3, 16, 16), (3, 16, 16)]
     """
     crop_transform = CropTransform  # one crop's pipeline (the batched subclass swaps it)
 

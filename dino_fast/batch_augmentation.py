@@ -353,7 +353,14 @@ class BatchedDataAugmentationDINO(DataAugmentationDINO):
     Call: aug(images, generator) with images (B, 3, H, W) uint8 or float in [0, 1] on any device
     and a seeded CPU `torch.Generator`; returns [global 1 (B, 3, G, G), global 2, local
     (B, 3, L, L) ...], float32, on the images' device: the crop-major list MultiCropWrapper and
-    DINOLoss take.
+    DINOLoss take. The same generator state gives the same crops on every device.
+
+    Example:
+        >>> augment = BatchedDataAugmentationDINO(local_crops_number=2, global_size=32,
+        ...                                       local_size=16)
+        >>> images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+        >>> [tuple(c.shape) for c in augment(images, torch.Generator().manual_seed(0))]
+        [(8, 3, 32, 32), (8, 3, 32, 32), (8, 3, 16, 16), (8, 3, 16, 16)]
     """
     crop_transform = BatchedCropTransform
 

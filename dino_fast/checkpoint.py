@@ -60,7 +60,17 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 def training_state(*, epoch: int, student: nn.Module, teacher: nn.Module,
                    optimizer: torch.optim.Optimizer, dino_loss: nn.Module,
                    scaler: Optional[torch.amp.GradScaler], args: dict) -> dict:
-    """Everything `--resume` needs, as a checkpoint dict (see the module docstring)."""
+    """Everything `--resume` needs, as a checkpoint dict (see the module docstring).
+
+    Args:
+        epoch: the number of finished epochs.
+        student, teacher: the networks (unwrapped from DDP / torch.compile for stable keys).
+        optimizer, dino_loss, scaler: their states (scaler None without fp16).
+        args: the run's arguments as a dict.
+
+    Returns:
+        The checkpoint dict; save it with `atomic_torch_save`.
+    """
     return {
         "epoch": epoch,
         "student": unwrap_model(student).state_dict(),
@@ -122,7 +132,17 @@ def load_checkpoint(path: PathLike) -> dict:
 def restore_training_state(ckpt: dict, *, student: nn.Module, teacher: nn.Module,
                            optimizer: torch.optim.Optimizer, dino_loss: nn.Module,
                            scaler: Optional[torch.amp.GradScaler]) -> int:
-    """Load a checkpoint into the live objects (strictly); returns the epoch to start from."""
+    """Load a training checkpoint into the live objects (strictly).
+
+    Args:
+        ckpt: a dict from `load_checkpoint`.
+        student, teacher, optimizer, dino_loss: the run's objects, built with the checkpoint's
+            arguments.
+        scaler: the fp16 gradient scaler, or None.
+
+    Returns:
+        The epoch to start from (the number of finished epochs).
+    """
     unwrap_model(student).load_state_dict(ckpt["student"])
     unwrap_model(teacher).load_state_dict(ckpt["teacher"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -171,19 +191,29 @@ def load_official_checkpoint(module: nn.Module, state_dict_or_path, key: Optiona
                              strict: bool = True):
     """Load an official DINO checkpoint (or a state dict in its key format) into `module`.
 
-    module: a backbone from `build_vit`, a `DINOHead`, or a `MultiCropWrapper` of both.
-    state_dict_or_path: a state dict, a whole checkpoint dict, or a path to either (loaded with
-        torch.load(weights_only=True) on CPU).
-    key: the checkpoint entry to load ("teacher" or "student" in main_dino.py's checkpoints);
-        by default the first of teacher, student, state_dict, model that exists, or the dict
-        itself when it is already a state dict (the released backbone weights).
-    strict: as nn.Module.load_state_dict, for the keys of `module`.
+    Args:
+        module: a backbone from `build_vit`, a `DINOHead`, or a `MultiCropWrapper` of both
+            (wrapped in DDP or torch.compile or not).
+        state_dict_or_path: a state dict, a whole checkpoint dict, or a path to either (read
+            with `read_checkpoint`, on the CPU).
+        key: the checkpoint entry to load ("teacher" or "student" in main_dino.py's
+            checkpoints); by default the first of teacher, student, state_dict, model that
+            exists, or the dict itself when it is already a state dict (the released backbone
+            weights).
+        strict: as nn.Module.load_state_dict, for the keys of `module`.
 
-    Keys lose their `module.` (DDP) prefixes; then the checkpoint's sub-tree that matches the
-    module is taken: the whole dict for a wrapper, `backbone.*` for a backbone (the head keys are
-    left out, as the official evaluation does), `head.*` for a head. A `pos_embed` stored at
-    another grid size is resampled to the module's. Returns load_state_dict's result
-    (missing_keys, unexpected_keys).
+    Returns:
+        load_state_dict's result (missing_keys, unexpected_keys).
+
+    Keys lose their `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes; then the
+    checkpoint's sub-tree that matches the module is taken: the whole dict for a wrapper,
+    `backbone.*` for a backbone (the head keys are left out, as the official evaluation does),
+    `head.*` for a head. A `pos_embed` stored at another grid size is resampled to the module's.
+
+    Example:
+        >>> vit = build_vit("vit_small", patch_size=16)                        # doctest: +SKIP
+        >>> load_official_checkpoint(vit, "dino_deitsmall16_pretrain.pth")      # doctest: +SKIP
+        >>> load_official_checkpoint(student, "checkpoint.pth", key="student")  # doctest: +SKIP
     """
     ckpt, source = _state_source(state_dict_or_path)
     if key is not None:

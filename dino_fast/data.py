@@ -137,14 +137,16 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 class ProceduralShapes(Dataset):
     """Images of shapes, each class one shape, generated deterministically on the fly.
 
-    split: "train" or "test" (held out: a different random stream, so no image is shared).
-    num_samples: dataset length (default 10,000 train / 2,000 test). Label of index i is
-        i % num_classes, so classes are balanced (sizes differ by at most one).
-    image_size: side in pixels (32 or 64 are the intended sizes; any size >= 8 works).
-    num_classes: 2..12, the first num_classes of SHAPES.
-    transform: applied to the PIL image (e.g. DataAugmentationDINO).
-    seed: the image of (seed, split, index) never changes (numpy's PCG64 seeded by those three).
-    cache: keep the rendered images (uint8 arrays) in memory after their first use.
+    Args:
+        split: "train" or "test" (held out: a different random stream, so no image is shared).
+        num_samples: dataset length (default 10,000 train / 2,000 test). Label of index i is
+            i % num_classes, so classes are balanced (sizes differ by at most one).
+        image_size: side in pixels (32 or 64 are the intended sizes; any size >= 8 works).
+        num_classes: 2..12, the first num_classes of SHAPES.
+        transform: applied to the PIL image (e.g. DataAugmentationDINO).
+        seed: the image of (seed, split, index) never changes (numpy's PCG64 seeded by those
+            three).
+        cache: keep the rendered images (uint8 arrays) in memory after their first use.
 
     Nuisances, each drawn independently per image (and per copy for the geometry): a grey level
     in [0.1, 0.9] with a tint of at most +-0.1 per channel, a background texture (noise,
@@ -156,6 +158,12 @@ class ProceduralShapes(Dataset):
     __getitem__ -> (transform(PIL RGB image), int label). Rendering takes about 0.4 ms for a
     32 px image and 0.8 ms for a 64 px one on one core of a busy 2-core CPU (measured), a small
     fraction of the multi-crop augmentation's cost.
+
+    Example:
+        >>> ds = ProceduralShapes("train", num_samples=100, image_size=32)
+        >>> image, label = ds[3]
+        >>> image.size, label, len(ds)
+        ((32, 32), 3, 100)
     """
 
     classes_all = SHAPES
@@ -270,16 +278,28 @@ def build_dataset(data_path: str = "procedural", split: str = "train",
                   download: bool = False) -> Dataset:
     """The dataset named by `data_path`, for `split` ("train" or "test"; "val" for folders).
 
-    data_path:
-      "procedural"          ProceduralShapes(split, num_samples, image_size, seed=seed)
-      "cifar10[:root]"      torchvision CIFAR10 under root (default ~/.cache/dino_fast/cifar10);
-                            downloads only with download=True
-      a folder              torchvision ImageFolder on data_path/split when that folder exists,
-                            else on data_path itself (class subfolders of images)
-    transform: applied to each PIL image. image_size and num_samples only concern
-    "procedural" (real images keep their size; the transform resizes).
+    Args:
+        data_path:
+          "procedural"        ProceduralShapes(split, num_samples, image_size, seed=seed)
+          "cifar10[:root]"    torchvision CIFAR10 under root (default ~/.cache/dino_fast/cifar10);
+                              downloads only with download=True
+          a folder            torchvision ImageFolder on data_path/split when that folder exists,
+                              else on data_path itself (class subfolders of images)
+        split: "train", "test" or (folders) "val".
+        transform: applied to each PIL image.
+        image_size, num_samples, seed: only for "procedural" (real images keep their size; the
+            transform resizes).
+        download: let torchvision fetch CIFAR-10 (needs internet).
+
+    Returns:
+        A map-style dataset of (transform(image), int label).
+
     Raises FileNotFoundError naming the path for a missing or empty folder; an unreadable
     image raises OSError naming the file when it is loaded.
+
+    Example:
+        >>> len(build_dataset("procedural", "test", num_samples=50))
+        50
     """
     if not isinstance(data_path, (str, os.PathLike)):
         raise TypeError(f"data_path must be a string or a path, got {type(data_path).__name__}")

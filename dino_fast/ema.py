@@ -122,16 +122,27 @@ def ema_update_(teacher_params: Iterable[torch.Tensor], student_params: Iterable
                 momentum: float, *, backend: str = "auto") -> str:
     """In place, for every pair: teacher <- momentum * teacher + (1 - momentum) * student.
 
-    teacher_params, student_params: tensors (or parameters) paired one to one, same shapes, all on
-        one device, any floating dtypes (a bf16 teacher with an fp32 student works); the math runs
-        in fp32 at least (fp64 for fp64 tensors), the teacher keeps its dtype.
-    momentum: a number in [0, 1]; 1 leaves the teacher unchanged, 0 copies the student.
-    backend: "auto" (Triton on CUDA, eager otherwise), "triton" or "eager"
-        (see dino_fast.backend). With "auto", tensors the kernel does not take (fp64, strided
-        views with gaps, teacher and student laid out differently) go to the eager path.
+    Args:
+        teacher_params, student_params: tensors (or parameters) paired one to one, same shapes,
+            all on one device, any floating dtypes (a bf16 teacher with an fp32 student works);
+            the math runs in fp32 at least (fp64 for fp64 tensors), the teacher keeps its dtype.
+        momentum: a number in [0, 1]; 1 leaves the teacher unchanged, 0 copies the student.
+        backend: "auto" (Triton on CUDA, eager otherwise), "triton" or "eager"
+            (see dino_fast.backend). With "auto", tensors the kernel does not take (fp64, strided
+            views with gaps, teacher and student laid out differently) go to the eager path.
 
-    Returns the backend that ran, "triton" or "eager". Everything is validated before the first
-    write: on a bad input a ValueError/TypeError names the argument and no tensor is modified.
+    Returns:
+        The backend that ran, "triton" or "eager".
+
+    Everything is validated before the first write: on a bad input a ValueError/TypeError names
+    the argument and no tensor is modified.
+
+    Example:
+        >>> teacher, student = [torch.zeros(3)], [torch.ones(3)]
+        >>> ema_update_(teacher, student, momentum=0.75)
+        'eager'
+        >>> teacher[0]
+        tensor([0.2500, 0.2500, 0.2500])
     """
     return _ema_update(list(teacher_params), list(student_params), momentum, backend)
 
@@ -147,16 +158,19 @@ class TeacherEMA:
             ...; optimizer.step()
             ema.update(it)                     # or ema.step(), which counts iterations itself
 
-    student, teacher: modules with the same parameter names and shapes; either may be wrapped in
-        DistributedDataParallel / DataParallel and/or torch.compile (unwrapped to the module).
-    base_momentum, final_momentum: the schedule goes from base (iteration 0) towards final
-        (official: --momentum_teacher 0.996 -> 1.0), over `total_steps` iterations
-        (epochs * iterations per epoch): momentum(it) = final + (base - final) * (1 + cos(pi *
-        it / total_steps)) / 2.
-    include_buffers: also average the floating-point buffers (e.g. BatchNorm running stats) with
-        the same momentum; integer buffers (num_batches_tracked) are never touched. The official
-        recipe averages parameters only (the default).
-    backend: "auto" | "triton" | "eager" (see `ema_update_`); `last_backend` says which ran.
+    Args:
+        student, teacher: modules with the same parameter names and shapes; either may be wrapped
+            in DistributedDataParallel / DataParallel and/or torch.compile (unwrapped to the
+            module).
+        base_momentum, final_momentum: the schedule goes from base (iteration 0) towards final
+            (official: --momentum_teacher 0.996 -> 1.0), over `total_steps` iterations
+            (epochs * iterations per epoch): momentum(it) = final + (base - final) * (1 +
+            cos(pi * it / total_steps)) / 2.
+        total_steps: number of iterations of the schedule (keyword-only).
+        include_buffers: also average the floating-point buffers (e.g. BatchNorm running stats)
+            with the same momentum; integer buffers (num_batches_tracked) are never touched. The
+            official recipe averages parameters only (the default).
+        backend: "auto" | "triton" | "eager" (see `ema_update_`); `last_backend` says which ran.
 
     Tensors are looked up by name at every update, so a student whose storage moved (`.to()`,
     `load_state_dict(assign=True)`) is followed, and the Triton tables are rebuilt for it.

@@ -59,7 +59,19 @@ class DINOHead(nn.Module):
     The last layer is weight-normalised without bias; its `weight_g` is filled with 1, and with
     `norm_last_layer` frozen (requires_grad=False), so the logits are cosines in [-1, 1].
 
+    Args:
+        in_dim: the backbone's feature width (`embed_dim`).
+        out_dim: the number of prototypes K (65536 in the paper).
+        use_bn: BatchNorm1d after each hidden Linear (false for ViTs).
+        norm_last_layer: freeze the last layer's weight norm at 1 (more stable training).
+        nlayers, hidden_dim, bottleneck_dim: the MLP's depth and widths (official: 3, 2048, 256).
+
     forward: (N, in_dim) -> (N, out_dim), in the input's dtype.
+
+    Example:
+        >>> head = DINOHead(384, 65536)
+        >>> head(torch.randn(8, 384)).shape
+        torch.Size([8, 65536])
     """
 
     def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False,

@@ -67,20 +67,30 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
               drop_path_rate: float = 0.0, **overrides) -> nn.Module:
     """A timm VisionTransformer with the official DINO settings, randomly initialised.
 
-    arch: "vit_tiny" | "vit_small" | "vit_base" (the official names; 192/384/768 wide, 12 deep).
-    patch_size: 16 or 8 as the official models, or any size dividing img_size (e.g. 4 for 32 px).
-    img_size: the resolution the position embeddings are stored at (the global crop size); other
-        sizes (the local crops) resample them on the fly (timm `dynamic_img_size`).
-    drop_path_rate: stochastic depth, linearly increasing over the blocks (0.1 for the student).
-    overrides: other VisionTransformer arguments, e.g. depth=2, embed_dim=64, num_heads=2 for a
-        quick CPU model, or reg_tokens=4. num_classes, global_pool, class_token and
-        dynamic_img_size are fixed, and nothing is ever downloaded (no `pretrained`; use
-        `dino_fast.checkpoint.load_official_checkpoint`).
+    Args:
+        arch: "vit_tiny" | "vit_small" | "vit_base" (the official names; 192/384/768 wide, 12
+            deep).
+        patch_size: 16 or 8 as the official models, or any size dividing img_size (e.g. 4 for
+            32 px).
+        img_size: the resolution the position embeddings are stored at (the global crop size);
+            other sizes (the local crops) resample them on the fly (timm `dynamic_img_size`).
+        drop_path_rate: stochastic depth, linearly increasing over the blocks (0.1 for the
+            student).
+        overrides: other VisionTransformer arguments, e.g. depth=2, embed_dim=64, num_heads=2 for
+            a quick CPU model, or reg_tokens=4. num_classes, global_pool, class_token and
+            dynamic_img_size are fixed, and nothing is ever downloaded (no `pretrained`; use
+            `dino_fast.checkpoint.load_official_checkpoint`).
 
-    forward(images (B, 3, H, W)) -> (B, embed_dim), the final-norm CLS token. The module exposes
-    `.embed_dim`, `.num_prefix_tokens` (CLS + registers) and `.patch_embed.patch_size`.
-    Initialisation as the official ViT: truncated-normal (std 0.02) Linear weights, pos_embed
-    and cls_token, zero biases, LayerNorm 1/0.
+    Returns:
+        The ViT: forward(images (B, 3, H, W)) -> (B, embed_dim), the final-norm CLS token. It
+        exposes `.embed_dim`, `.num_prefix_tokens` (CLS + registers) and
+        `.patch_embed.patch_size`. Initialisation as the official ViT: truncated-normal (std
+        0.02) Linear weights, pos_embed and cls_token, zero biases, LayerNorm 1/0.
+
+    Example:
+        >>> vit = build_vit("vit_tiny", patch_size=8, img_size=32, depth=2)
+        >>> vit(torch.randn(4, 3, 32, 32)).shape, vit(torch.randn(4, 3, 16, 16)).shape
+        (torch.Size([4, 192]), torch.Size([4, 192]))
     """
     from timm.layers import LayerNorm
     from timm.models.vision_transformer import VisionTransformer
@@ -149,12 +159,22 @@ def last_selfattention(vit: nn.Module, images: torch.Tensor
                        ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Softmax attention of the CLS token to every patch, per head, in the last block.
 
-    vit: a ViT from `build_vit` (or a MultiCropWrapper around one, compiled or not).
-    images: (B, 3, H, W), H and W multiples of the patch size.
-    Returns (attn, (h, w)): attn (B, num_heads, h*w) in the compute dtype, patches in row-major
-    order, so `attn.reshape(B, num_heads, h, w)` is the map. The softmax runs over all tokens
-    (CLS, registers, patches) as in the forward pass and only the patch columns are returned,
-    so each row sums to at most 1 (the rest is the CLS and register tokens' share).
+    Args:
+        vit: a ViT from `build_vit` (or a MultiCropWrapper around one, compiled or not).
+        images: (B, 3, H, W), H and W multiples of the patch size.
+
+    Returns:
+        (attn, (h, w)): attn (B, num_heads, h*w) in the compute dtype, patches in row-major
+        order, so `attn.reshape(B, num_heads, h, w)` is the map. The softmax runs over all tokens
+        (CLS, registers, patches) as in the forward pass and only the patch columns are
+        returned, so each row sums to at most 1 (the rest is the CLS and register tokens' share).
+
+    Example:
+        >>> vit = build_vit("vit_tiny", patch_size=8, img_size=32, depth=2).eval()
+        >>> with torch.no_grad():
+        ...     attn, (h, w) = last_selfattention(vit, torch.randn(1, 3, 32, 32))
+        >>> attn.shape, (h, w)
+        (torch.Size([1, 3, 16]), (4, 4))
 
     Fused attention never forms the probabilities, so the blocks before the last run as usual and
     the last block's q (CLS row only) and k are recomputed explicitly. Runs in the current grad
@@ -192,6 +212,18 @@ class MultiCropWrapper(nn.Module):
 
     As the official wrapper, a Linear `fc` or `head` attribute of the backbone (a classifier) is
     replaced by nn.Identity, so the backbone outputs features.
+
+    Args:
+        backbone: images (B, 3, h, w) -> features (B, D), e.g. from `build_vit`.
+        head: features (N, D) -> logits (N, out_dim), e.g. a `DINOHead`.
+
+    Example:
+        >>> from dino_fast.head import DINOHead
+        >>> net = MultiCropWrapper(build_vit("vit_tiny", patch_size=8, img_size=32, depth=1),
+        ...                        DINOHead(192, 1024))
+        >>> crops = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 6
+        >>> net(crops).shape
+        torch.Size([32, 1024])
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
