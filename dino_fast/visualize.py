@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dino_fast.data import IMAGENET_MEAN, IMAGENET_STD
+
 
 def _pyplot():
     import matplotlib
@@ -65,13 +67,18 @@ def threshold_attention(attn: torch.Tensor, keep_mass: float = 0.6) -> torch.Ten
 
 @torch.no_grad()
 def save_attention_maps(backbone: torch.nn.Module, images: torch.Tensor, path,
-                        mean: Sequence[float], std: Sequence[float],
-                        keep_mass: float = 0.6) -> None:
-    """One row per image: the image, then the CLS-token attention of each head of the last block,
-    with the region holding `keep_mass` of the attention outlined (official threshold 0.6).
+                        mean: Sequence[float] = IMAGENET_MEAN,
+                        std: Sequence[float] = IMAGENET_STD, keep_mass: float = 0.6) -> None:
+    """Save a PNG with one row per image: the image, then the CLS-token attention of each head of
+    the last block, with the region holding `keep_mass` of the attention outlined (the official
+    threshold: 0.6).
 
-    backbone: a ViT from `dino_fast.models.build_vit`; images (B, 3, H, W), normalised with
-    mean/std (they are un-normalised for display).
+    Args:
+        backbone: a ViT from `dino_fast.models.build_vit` (evaluated in eval mode, then restored).
+        images: (B, 3, H, W), normalised with mean / std (un-normalised for display).
+        path: the PNG file to write.
+        mean, std: the normalisation statistics of `images` (ImageNet's by default).
+        keep_mass: the share of each map's attention mass the outline encloses.
     """
     from dino_fast.models import last_selfattention
 
