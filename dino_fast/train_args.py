@@ -53,6 +53,7 @@ def bool_flag(s: str) -> bool:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """The training script's parser; `validate_args` completes and checks what it parses."""
     parser = argparse.ArgumentParser(
         "dino-fast-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="DINO self-supervised training of a Vision Transformer. With no argument: "
