@@ -23,7 +23,7 @@ import torch
 
 from benchmarks import load_test_reference
 from benchmarks.roofline import peak_memory, record, synchronized
-from dino_fast.loss import dino_loss_eager
+from dino_fast.loss import dino_loss, dino_loss_eager
 
 
 reference = load_test_reference()
@@ -82,8 +82,8 @@ def _eager(student, teacher, center, ncrops):
 
 
 def _triton(student, teacher, center, ncrops):
-    from dino_fast.kernels.dino_loss import dino_loss_triton
-    return dino_loss_triton(student, teacher, center, ncrops, STUDENT_TEMP, TEACHER_TEMP)
+    return dino_loss(student, teacher, center, ncrops, STUDENT_TEMP, TEACHER_TEMP,
+                     backend="triton")
 
 
 def _check_agrees_with_official(loss_fn, p, tolerances):

@@ -39,3 +39,12 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
 def scaled_lr(base_lr: float, total_batch_size: int) -> float:
     """The linear scaling rule of the official recipe: lr = base_lr * total_batch / 256."""
     return base_lr * total_batch_size / 256.0
+
+
+def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float,
+                          warmup_teacher_temp_epochs: int, nepochs: int) -> np.ndarray:
+    """Per-epoch teacher temperature: linear warm-up, then constant (the official schedule)."""
+    return np.concatenate((
+        np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+        np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+    ))
