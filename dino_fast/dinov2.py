@@ -300,9 +300,14 @@ class DINOLoss(AsyncCenterLoss):
     - `update_center(teacher_output (N, K))`: starts the center update (see AsyncCenterLoss).
 
     Example:
-        >>> loss_fn = DINOLoss(65536)
+        >>> loss_fn = DINOLoss(256)
+        >>> teacher_logits = torch.randn(2 * 4, 256)       # 2 global crops of 4 images
+        >>> student_logits = torch.randn(10 * 4, 256, requires_grad=True)   # 10 crops
         >>> t = loss_fn.sinkhorn_knopp_teacher(teacher_logits, teacher_temp=0.07).chunk(2)
-        >>> loss = loss_fn(student_logits.chunk(10), t)   # 10 student crops x 2 teacher crops
+        >>> loss = loss_fn(student_logits.chunk(10), t)    # 10 x 2 (student, teacher) pairs
+        >>> loss.backward()
+        >>> loss_fn.update_center(teacher_logits)          # applied by the next
+        >>> q = loss_fn.softmax_center_teacher(teacher_logits, 0.07)  # softmax_center_teacher
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
@@ -392,10 +397,13 @@ class iBOTPatchLoss(AsyncCenterLoss):  # noqa: N801  (the official name)
     - `update_center(teacher_patch_tokens (B, N, K))`: center target mean_b mean_n T.
 
     Example:
-        >>> loss_fn = iBOTPatchLoss(8192)
-        >>> t = loss_fn.sinkhorn_knopp_teacher(teacher_masked, 0.07, n_masked_tensor)
-        >>> loss = loss_fn.forward_masked(student_masked, t, masks, n_masked_patches=n,
-        ...                               masks_weight=masks_weight)
+        >>> masks = torch.zeros(2, 16, dtype=torch.bool)
+        >>> masks[0, :6] = True; masks[1, :4] = True          # 10 masked patches in all
+        >>> loss_fn = iBOTPatchLoss(128)
+        >>> t = loss_fn.sinkhorn_knopp_teacher(torch.randn(10, 128), 0.07, torch.tensor([10]))
+        >>> loss = loss_fn.forward_masked(torch.randn(10, 128), t, masks)
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
     """
 
     _len_attr = "len_teacher_patch_tokens"
@@ -557,8 +565,10 @@ class KoLeoLoss(nn.Module):
     finite value and gradient. Eager only (a B x B computation): backend may be "auto" or "eager".
 
     Example:
-        >>> koleo = KoLeoLoss()
-        >>> reg = koleo(student_cls_tokens)   # (B, D) -> scalar
+        >>> x = torch.randn(8, 32)
+        >>> x[1] = x[0]                                  # an exact neighbour
+        >>> bool(torch.isfinite(KoLeoLoss()(x.half())))  # (B, D) -> fp32 scalar
+        True
     """
 
     PAIRWISE_EPS = 1e-8

@@ -64,9 +64,13 @@ def dino_crops_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     `DINOLoss.forward` on the teacher probabilities, as an fp32 scalar.
 
     Example:
+        >>> from dino_fast.sinkhorn import sinkhorn_knopp_center
+        >>> s_logits, t_logits = torch.randn(10, 4, 256), torch.randn(2, 4, 256) * 10
         >>> c = sinkhorn_knopp_center(t_logits.flatten(0, 1), 0.07)
         >>> loss = dino_crops_loss(s_logits, t_logits, student_temp=0.1, teacher_temp=0.07,
         ...                        center=c)
+        >>> bool(torch.isfinite(loss))   # the official SK teacher is NaN at x / tau ~ 400
+        True
     """
     check_positive(student_temp, "student_temp")
     check_positive(teacher_temp, "teacher_temp")
@@ -94,9 +98,11 @@ class DINOLoss(dinov2.DINOLoss):
       leaving out s == t when ignore_diagonal; an fp32 scalar.
 
     Example:
-        >>> loss_fn = DINOLoss(65536); loss_fn.init_weights()
-        >>> t = loss_fn.sinkhorn_knopp_teacher(t_logits.flatten(0, 1), 0.07).unflatten(0, (2, B))
-        >>> loss = loss_fn(s_logits, t, ignore_diagonal=True)
+        >>> loss_fn = DINOLoss(256)
+        >>> loss_fn.init_weights()
+        >>> s_logits, t_logits = torch.randn(2, 4, 256), torch.randn(2, 4, 256)  # [crops, B, K]
+        >>> t = loss_fn.sinkhorn_knopp_teacher(t_logits.flatten(0, 1), 0.07).unflatten(0, (2, 4))
+        >>> loss = loss_fn(s_logits, t, ignore_diagonal=True)   # pairs (0, 1) and (1, 0)
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
@@ -133,10 +139,14 @@ class iBOTPatchLoss(dinov2.iBOTPatchLoss):  # noqa: N801  (the official name)
     teacher_temp, update_centers=True)`.
 
     Example:
-        >>> loss_fn = iBOTPatchLoss(8192); loss_fn.init_weights()
-        >>> t = loss_fn.sinkhorn_knopp_teacher(teacher_masked, 0.07, n_masked_tensor)
-        >>> loss = loss_fn.forward_masked(student_masked, t, masks, n_masked_patches=n,
-        ...                               masks_weight=masks_weight)
+        >>> masks = torch.zeros(2, 16, dtype=torch.bool)
+        >>> masks[0, :6] = True; masks[1, :4] = True          # 10 masked patches in all
+        >>> weights = (1 / masks.sum(-1)).unsqueeze(-1).expand_as(masks)[masks]
+        >>> loss_fn = iBOTPatchLoss(128)
+        >>> loss_fn.init_weights()
+        >>> t = loss_fn.sinkhorn_knopp_teacher(torch.randn(12, 128), 0.07, torch.tensor([10]))
+        >>> loss = loss_fn.forward_masked(torch.randn(12, 128), t, masks, n_masked_patches=10,
+        ...                               masks_weight=weights)   # rows 10, 11: padding
     """
 
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1,
@@ -170,7 +180,9 @@ class GramLoss(nn.Module):
 
     Example:
         >>> gram = GramLoss()
-        >>> loss = gram(student_patches, teacher_patches)   # (B, N, D) each -> scalar
+        >>> loss = gram(torch.randn(2, 49, 64), torch.randn(2, 49, 64))   # (B, N, D) each
+        >>> loss.shape
+        torch.Size([])
     """
 
     NORMALIZE_EPS = 1e-12  # F.normalize's default, as the official class uses it

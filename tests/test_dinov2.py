@@ -1,6 +1,8 @@
 """dino_fast.dinov2 and dino_fast.sinkhorn against the literal official formulas: values,
 gradients, centers and state dicts over dtypes and awkward shapes, the Sinkhorn-Knopp teacher
 where the official formula overflows, input validation, and a 2-process gloo run."""
+import doctest
+import importlib
 import os
 import socket
 
@@ -8,6 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from dino_fast import dinov3
+from dino_fast.dinov2 import DINOLoss, KoLeoLoss, ibot_masked_loss, iBOTPatchLoss
+from dino_fast.sinkhorn import sinkhorn_knopp_center, sinkhorn_knopp_log_scale, sinkhorn_knopp_probs
+
 from dinov_reference import (
     CENTER_RTOL,
     GRAD_RTOL,
@@ -26,10 +33,6 @@ from dinov_reference import (
     probs,
     rel_rms,
 )
-
-from dino_fast import dinov3
-from dino_fast.dinov2 import DINOLoss, KoLeoLoss, ibot_masked_loss, iBOTPatchLoss
-from dino_fast.sinkhorn import sinkhorn_knopp_center, sinkhorn_knopp_log_scale, sinkhorn_knopp_probs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -552,3 +555,9 @@ def test_two_process_gloo_equals_one_process_on_the_concatenated_batch(tmp_path)
         torch.testing.assert_close(got["center"], single["center"], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(got["patch_center"], single["patch_center"], rtol=1e-6,
                                    atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["dino_fast.dinov2", "dino_fast.sinkhorn"])
+def test_docstring_examples_run(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -1,6 +1,8 @@
 """dino_fast.dinov3 against the literal official formulas: the [S, B, K] DINO loss with and
 without ignore_diagonal, the functional loss from teacher logits + center, the NaN-initialised
 centers, iBOT, KoLeo and Gram over dtypes and awkward shapes, and input validation."""
+import doctest
+import importlib
 import math
 
 import pytest
@@ -272,3 +274,9 @@ def test_dino_forward_low_precision_student_with_fp32_sk_teacher(dtype):
     out = DINOLoss(K)(s, teacher)
     out.backward()
     _check(out, s, ref, s_ref, dtype)
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(importlib.import_module("dino_fast.dinov3"),
+                             optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
