@@ -76,15 +76,23 @@ def sinkhorn_knopp_log_scale(teacher_output: torch.Tensor, teacher_temp: float,
     log u is defined up to an additive constant (it cancels in the softmax).
     """
     _, _, n_valid = check_sinkhorn_inputs(teacher_output, teacher_temp, n_iterations, n_valid_rows)
-    a = teacher_output[:n_valid].float() / teacher_temp  # (n, K)
+    return _log_scale(teacher_output[:n_valid].float() / teacher_temp, n_iterations, process_group)
+
+
+def _log_scale(a: torch.Tensor, n_iterations: int, process_group) -> torch.Tensor:
+    """log u from a = X / tau (n, K) fp32; one (n, K) workspace besides a."""
     # iteration 1: column log-sum-exp of a, shifted by the column max over all ranks
     col_max = _all_reduce(a.amax(dim=0), dist.ReduceOp.MAX, process_group)
-    col_sum = _all_reduce(torch.exp(a - col_max).sum(dim=0), dist.ReduceOp.SUM, process_group)
+    work = torch.sub(a, col_max)
+    col_sum = _all_reduce(work.exp_().sum(dim=0), dist.ReduceOp.SUM, process_group)
     log_u = -(col_max + torch.log(col_sum))
     for _ in range(n_iterations - 1):
-        # the row step (P = softmax(a + log u)), then the column step on P
-        p_col_sum = torch.softmax(a + log_u, dim=-1).sum(dim=0)
-        p_col_sum = _all_reduce(p_col_sum, dist.ReduceOp.SUM, process_group)
+        # the row step, P = softmax(a + log u) = E / r with E = exp(a + log u - row max) and r
+        # its row sums, then the column step on P: sum_b P_bk = (1 / r) @ E, P never written
+        torch.add(a, log_u, out=work)
+        work.sub_(work.amax(dim=-1, keepdim=True)).exp_()
+        p_col_sum = _all_reduce(torch.mv(work.t(), work.sum(dim=-1).reciprocal_()),
+                                dist.ReduceOp.SUM, process_group)
         log_u -= torch.log(p_col_sum.clamp_min(torch.finfo(torch.float32).tiny))
     return log_u
 
@@ -116,6 +124,9 @@ def sinkhorn_knopp_probs(teacher_output: torch.Tensor, teacher_temp: float,
     """The SK teacher probabilities Q (N, K) fp32, rows summing to 1: what the official
     `sinkhorn_knopp_teacher` returns where it is finite, and the same formula, finite, where the
     official exp overflows or underflows. Arguments as `sinkhorn_knopp_log_scale`."""
-    log_u = sinkhorn_knopp_log_scale(teacher_output, teacher_temp, n_iterations,
-                                     n_valid_rows=n_valid_rows, process_group=process_group)
-    return torch.softmax(teacher_output.float() / teacher_temp + log_u, dim=-1)
+    _, _, n_valid = check_sinkhorn_inputs(teacher_output, teacher_temp, n_iterations, n_valid_rows)
+    a = teacher_output.float() / teacher_temp  # a fresh (N, K) fp32 tensor: becomes Q
+    log_u = _log_scale(a[:n_valid], n_iterations, process_group)
+    a.add_(log_u)
+    a.sub_(a.amax(dim=-1, keepdim=True)).exp_()
+    return a.div_(a.sum(dim=-1, keepdim=True))
