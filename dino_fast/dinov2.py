@@ -35,41 +35,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dino_fast.backend import check_backend_name, resolve_backend
+from dino_fast.backend import check_backend_name
 from dino_fast.checks import check_floating_tensor, check_int, check_positive, check_unit_interval
+from dino_fast.cross_entropy import select_backend, soft_cross_entropy
 from dino_fast.sinkhorn import check_sinkhorn_inputs, sinkhorn_knopp_probs
-
-
-def soft_cross_entropy(student, teacher, pair_weight, *, student_temp, teacher_temp=None,
-                       center=None, row_weight=None, scale=1.0, teacher_sum=False,
-                       backend="auto"):
-    """Eager stand-in with the signature of dino_fast.cross_entropy.soft_cross_entropy.
-
-    loss = scale * sum_b row_weight[b] * sum_{v<V, i<G} pair_weight[v][i] * CE(q_ib, S_vb),
-    CE(q, s) = -sum_k q_k log_softmax(s / student_temp)_k; student (V*B, K), teacher (G*B, K),
-    crop-major; q = teacher as given (teacher_temp None) or softmax((teacher - center) /
-    teacher_temp). fp32 scalar (fp64 for fp64 inputs), differentiable w.r.t. student only.
-    """
-    V, G = len(pair_weight), len(pair_weight[0])
-    K = student.shape[-1]
-    B = student.shape[0] // V
-    cdt = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    t = teacher.detach().to(cdt)
-    if teacher_temp is None:
-        q = t
-    else:
-        c = 0.0 if center is None else center.detach().to(cdt).reshape(1, K)
-        q = torch.softmax((t - c) / teacher_temp, dim=-1)
-    lsm = F.log_softmax(student.to(cdt) / student_temp, dim=-1).view(V, B, K)
-    w = torch.tensor(pair_weight, dtype=cdt, device=student.device)
-    per_row = -torch.einsum("vbk,gbk,vg->b", lsm, q.view(G, B, K), w)
-    if row_weight is not None:
-        per_row = per_row * row_weight.to(cdt)
-    loss = per_row.sum() * scale
-    if teacher_sum:
-        return loss, teacher.detach().sum(dim=0, dtype=torch.float32)
-    return loss
-
 
 # ------------------------------------------------------------------------------------ checks
 
@@ -192,7 +161,8 @@ def ibot_masked_loss(student_patch_tokens_masked: torch.Tensor, teacher_patch_lo
     check_masked_inputs(student_patch_tokens_masked, teacher_patch_logits_masked, masks_weight,
                         n_images, n_masked_patches, K, device, "the student",
                         teacher_name="teacher_patch_logits_masked")
-    resolved = resolve_backend(backend, device, "ibot_masked_loss")
+    resolved = select_backend(backend, student_patch_tokens_masked, teacher_patch_logits_masked,
+                              "ibot_masked_loss")
     return masked_patch_loss(student_patch_tokens_masked, teacher_patch_logits_masked,
                              masks_weight, n_images, n_masked_patches, student_temp=student_temp,
                              teacher_temp=teacher_temp, center=center, backend=resolved)
@@ -242,8 +212,9 @@ class AsyncCenterLoss(nn.Module):
     def _world_size(self) -> int:
         return dist.get_world_size(self.process_group) if _process_group_active() else 1
 
-    def _resolve(self, device: torch.device) -> str:
-        return resolve_backend(self.backend, device, type(self).__name__)
+    def _resolve(self, student: torch.Tensor, teacher: torch.Tensor) -> str:
+        """"triton" or "eager" for these inputs (dino_fast.cross_entropy.select_backend)."""
+        return select_backend(self.backend, student, teacher, type(self).__name__)
 
     @torch.no_grad()
     def _start_center_update(self, batch_sum: torch.Tensor, n_rows: int) -> None:
@@ -340,7 +311,7 @@ class DINOLoss(AsyncCenterLoss):
                 f"every tensor of teacher_out_softmaxed_centered_list must have as many rows as "
                 f"those of student_output_list ({student.shape[0] // n_s}), got "
                 f"{teacher.shape[0] // n_t}")
-        backend = self._resolve(student.device)
+        backend = self._resolve(student, teacher)
         loss = crops_loss(student, teacher.detach(), n_s, n_t, student_temp=self.student_temp,
                           teacher_temp=None, center=None, ignore_diagonal=False,
                           mean_over_pairs=False, backend=backend)
@@ -442,7 +413,7 @@ class iBOTPatchLoss(AsyncCenterLoss):  # noqa: N801  (the official name)
         B, N, K = student_patch_tokens.shape
         check_mask(student_masks_flat, (B, N), device, bool_only=False,
                    expected="(images, patches) of student_patch_tokens")
-        backend = self._resolve(device)
+        backend = self._resolve(student_patch_tokens, teacher_patch_tokens)
         m = student_masks_flat.float()
         row_weight = (m / student_masks_flat.sum(dim=-1, keepdim=True).clamp(min=1.0)).reshape(-1)
         loss = soft_cross_entropy(student_patch_tokens.reshape(B * N, K),
@@ -478,7 +449,7 @@ class iBOTPatchLoss(AsyncCenterLoss):  # noqa: N801  (the official name)
         check_masked_inputs(student_patch_tokens_masked, teacher_patch_tokens_masked,
                             masks_weight, student_masks_flat.shape[0], n_masked_patches,
                             self.out_dim, device, "the loss's center buffer")
-        backend = self._resolve(device)
+        backend = self._resolve(student_patch_tokens_masked, teacher_patch_tokens_masked)
         loss = masked_patch_loss(student_patch_tokens_masked, teacher_patch_tokens_masked.detach(),
                                  masks_weight, student_masks_flat.shape[0], n_masked_patches,
                                  student_temp=self.student_temp, teacher_temp=None, center=None,

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dino_fast import dinov2
-from dino_fast.backend import check_backend_name, resolve_backend
+from dino_fast.backend import check_backend_name
 from dino_fast.checks import check_floating_tensor, check_positive
+from dino_fast.cross_entropy import select_backend
 from dino_fast.dinov2 import KoLeoLoss, check_center, check_logits, crops_loss
 
 __all__ = ["DINOLoss", "iBOTPatchLoss", "KoLeoLoss", "GramLoss", "dino_crops_loss"]
@@ -80,7 +81,7 @@ def dino_crops_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     S, T, B = check_crops(student_logits, teacher_logits, K, device, "student_logits",
                           ignore_diagonal, "teacher_logits")
     check_center(center, K, device)
-    resolved = resolve_backend(backend, device, "dino_crops_loss")
+    resolved = select_backend(backend, student_logits, teacher_logits, "dino_crops_loss")
     return crops_loss(student_logits.reshape(S * B, K), teacher_logits.detach().reshape(T * B, K),
                       S, T, student_temp=student_temp, teacher_temp=teacher_temp, center=center,
                       ignore_diagonal=ignore_diagonal, mean_over_pairs=True, backend=resolved)
@@ -124,7 +125,7 @@ class DINOLoss(dinov2.DINOLoss):
         S, T, B = check_crops(student_logits, teacher_probs, self.out_dim, self.center.device,
                               "the loss's center buffer", ignore_diagonal)
         K = self.out_dim
-        backend = self._resolve(student_logits.device)
+        backend = self._resolve(student_logits, teacher_probs)
         loss = crops_loss(student_logits.reshape(S * B, K),
                           teacher_probs.detach().reshape(T * B, K), S, T,
                           student_temp=self.student_temp, teacher_temp=None, center=None,

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dino_fast import dinov3
+from dino_fast.backend import triton_available
 from dino_fast.dinov2 import DINOLoss, KoLeoLoss, ibot_masked_loss, iBOTPatchLoss
 from dino_fast.sinkhorn import sinkhorn_knopp_center, sinkhorn_knopp_log_scale, sinkhorn_knopp_probs
 
@@ -561,3 +562,64 @@ def test_two_process_gloo_equals_one_process_on_the_concatenated_batch(tmp_path)
 def test_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------------ Triton path (interpreter on CPU)
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_dino_forward_matches_official(dtype):
+    B, K = 2, 33
+    student = logits(4 * B, K, dtype=dtype, seed=40)
+    teacher = probs(2, B, K, dtype=dtype, seed=41)
+    s_ref = _leaf(student.double())
+    ref = official_dinov2_dino_forward(s_ref.chunk(4), teacher.double())
+    ref.backward()
+    s = _leaf(student)
+    loss_fn = DINOLoss(K, backend="triton")
+    out = loss_fn(s.chunk(4), teacher)
+    out.backward()
+    assert loss_fn.last_backend == "triton"
+    assert rel_rms(out, ref) <= LOSS_RTOL[dtype]
+    _grad_close(s.grad, s_ref.grad, dtype)
+
+
+@needs_triton
+def test_triton_ibot_forward_and_forward_masked_match_official():
+    m = masks(3, 4, seed=42)  # image 0 has no masked patch
+    n, K = int(m.sum()), 17
+    loss_fn = iBOTPatchLoss(K, backend="triton")
+    student, teacher = logits(n + 2, K, seed=43), probs(n + 2, K, seed=44)
+    w = official_masks_weight(m)
+    s, s_ref = _leaf(student), _leaf(student.double())
+    out = loss_fn.forward_masked(s, teacher, m, n_masked_patches=n, masks_weight=w)
+    ref = official_ibot_forward_masked(s_ref, teacher.double(), m, n, w.double())
+    out.backward()
+    ref.backward()
+    assert loss_fn.last_backend == "triton"
+    assert rel_rms(out, ref) <= LOSS_RTOL[torch.float32]
+    _grad_close(s.grad, s_ref.grad, torch.float32)
+    student, teacher = logits(3, 4, K, seed=45), probs(3, 4, K, seed=46)
+    s, s_ref = _leaf(student), _leaf(student.double())
+    out = loss_fn(s, teacher, m)
+    ref = official_ibot_forward(s_ref, teacher.double(), m)
+    out.backward()
+    ref.backward()
+    assert rel_rms(out, ref) <= LOSS_RTOL[torch.float32]
+    _grad_close(s.grad, s_ref.grad, torch.float32)
+
+
+@needs_triton
+def test_triton_ibot_loss_from_logits_and_sk_center():
+    m = masks(2, 5, seed=47)
+    n, K = int(m.sum()), 20
+    student, t_logits = logits(n, K, seed=48), logits(n, K, scale=5.0, seed=49)
+    w = official_masks_weight(m)
+    q = sinkhorn_knopp_probs(t_logits, 0.04)
+    ref = official_ibot_forward_masked(student.double(), q.double(), m, masks_weight=w.double())
+    out = ibot_masked_loss(student, t_logits, w, 2, student_temp=0.1, teacher_temp=0.04,
+                           center=sinkhorn_knopp_center(t_logits, 0.04), backend="triton")
+    assert rel_rms(out, ref) <= 1e-5

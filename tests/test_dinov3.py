@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dino_fast import dinov2
+from dino_fast.backend import triton_available
 from dino_fast.dinov3 import DINOLoss, GramLoss, KoLeoLoss, dino_crops_loss, iBOTPatchLoss
 from dino_fast.sinkhorn import sinkhorn_knopp_center
 
@@ -280,3 +281,40 @@ def test_docstring_examples_run():
     result = doctest.testmod(importlib.import_module("dino_fast.dinov3"),
                              optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------------ Triton path (interpreter on CPU)
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("S,T,ignore_diagonal", [(3, 2, True), (4, 2, False)])
+def test_triton_dino_forward_matches_official(S, T, ignore_diagonal, dtype):
+    B, K = 2, 23
+    student = logits(S, B, K, dtype=dtype, seed=50)
+    teacher = probs(T, B, K, dtype=dtype, seed=51)
+    s_ref = _leaf(student.double())
+    ref = official_dinov3_dino_forward(s_ref, teacher.double(), ignore_diagonal)
+    ref.backward()
+    s = _leaf(student)
+    loss_fn = DINOLoss(K, backend="triton")
+    out = loss_fn(s, teacher, ignore_diagonal=ignore_diagonal)
+    out.backward()
+    assert loss_fn.last_backend == "triton"
+    _check(out, s, ref, s_ref, dtype)
+
+
+@needs_triton
+def test_triton_dino_loss_from_logits_and_sk_center():
+    S, T, B, K = 2, 2, 3, 19
+    student, t_logits = logits(S, B, K, seed=52), logits(T, B, K, scale=6.0, seed=53)
+    flat = t_logits.flatten(0, 1)
+    q = sinkhorn_knopp_center(flat, 0.04)
+    ref = official_dinov3_dino_forward(
+        student.double(), torch.softmax((flat.double() - q.double()) / 0.04, -1).unflatten(
+            0, (T, B)), True)
+    out = dino_crops_loss(student, t_logits, student_temp=0.1, teacher_temp=0.04, center=q,
+                          ignore_diagonal=True, backend="triton")
+    assert rel_rms(out, ref) <= 1e-5
