@@ -344,8 +344,27 @@ def _stack_crops(crops: Union[torch.Tensor, Sequence[torch.Tensor]], name: str, 
         if t.shape != crops[0].shape:
             raise ValueError(f"every tensor of {name} must have the shape of {name}[0] "
                              f"{tuple(crops[0].shape)}, got {tuple(t.shape)} at index {j}")
-    flat = [t.reshape(-1, out_dim) for t in crops]
-    return (flat[0] if len(flat) == 1 else torch.cat(flat)), len(flat)
+    if len(crops) == 1:
+        return crops[0].reshape(-1, out_dim), 1
+    whole = _whole_of_chunks(crops)
+    if whole is not None:  # `x.chunk(n)` of one tensor: no copy
+        return whole.view(-1, out_dim), len(crops)
+    return torch.cat([t.reshape(-1, out_dim) for t in crops]), len(crops)
+
+
+def _whole_of_chunks(crops: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The tensor the crops are consecutive contiguous pieces of, in order and covering all of
+    it (as `x.chunk(n)` or `x.split(m)` make them), or None. The loss then reads x itself, whose
+    gradient is the one the pieces would pass on."""
+    base = crops[0]._base
+    if base is None or not base.is_contiguous() or base.dtype != crops[0].dtype:
+        return None
+    step = crops[0].numel() * crops[0].element_size()
+    for j, t in enumerate(crops):
+        if t._base is not base or not t.is_contiguous() or t.requires_grad != base.requires_grad \
+                or t.data_ptr() != base.data_ptr() + j * step:
+            return None
+    return base if len(crops) * crops[0].numel() == base.numel() else None
 
 
 class iBOTPatchLoss(AsyncCenterLoss):  # noqa: N801  (the official name)

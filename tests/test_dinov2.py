@@ -143,6 +143,34 @@ def test_dino_forward_global_layout_matches_official(dtype):
     _grad_close(s.grad, s_ref.grad, dtype)
 
 
+@pytest.mark.parametrize("layout", ["chunks", "reversed", "detached", "strided"])
+def test_dino_forward_reads_chunks_of_one_tensor_in_place_and_other_lists_by_copy(layout):
+    # chunks of a non-leaf head output are read as the whole tensor (no copy); any other list
+    # (out of order, detached, not contiguous) is concatenated: the same loss and gradient
+    B, K, V = 3, 21, 4
+    w = _leaf(logits(V * B, K, seed=60))
+    x = w * 1.0  # a non-leaf output, as the head's
+    pieces = {"chunks": lambda: list(x.chunk(V)), "reversed": lambda: list(x.chunk(V))[::-1],
+              "detached": lambda: list(x.detach().chunk(V)),
+              "strided": lambda: list(x.t().contiguous().t().chunk(V))}[layout]()
+    teacher = probs(2, B, K, seed=61)
+    loss_fn = DINOLoss(K)
+    out = loss_fn(pieces, teacher)
+    ref = official_dinov2_dino_forward([p.double() for p in pieces], teacher.double())
+    assert rel_rms(out, ref) <= LOSS_RTOL[torch.float32]
+    if layout == "detached":
+        assert not out.requires_grad
+        return
+    out.backward()
+    w_ref = _leaf(w.double())
+    x_ref = w_ref * 1.0
+    ref_pieces = list(x_ref.chunk(V))
+    if layout == "reversed":
+        ref_pieces = ref_pieces[::-1]
+    official_dinov2_dino_forward(ref_pieces, teacher.double()).backward()
+    _grad_close(w.grad, w_ref.grad, torch.float32)
+
+
 def test_dino_center_update_is_applied_at_the_next_softmax_center_teacher():
     K = 31
     loss_fn, ref = DINOLoss(K, center_momentum=0.8), OfficialCenter(K, 0.8)
