@@ -242,17 +242,16 @@ class AsyncCenterLoss(nn.Module):
                 batch_center.view(self.center.shape) * (1 - self.center_momentum))
             self.updated = True
 
-    def _check_teacher_temp(self, teacher_temp) -> float:
-        return check_positive(teacher_temp, "teacher_temp")
-
-    def _softmax_center(self, teacher_output: torch.Tensor, teacher_temp: float,
+    def _softmax_center(self, teacher: torch.Tensor, teacher_temp: float, name: str,
                         update_centers: bool = True) -> torch.Tensor:
-        check_logits(teacher_output, "teacher_output", self.out_dim, range(1, 9),
-                     self.center.device, "the loss's center buffer", self._dim_name)
-        teacher_temp = self._check_teacher_temp(teacher_temp)
+        """softmax((teacher - center) / teacher_temp) after the pending center update (unless
+        update_centers is False); `name` is the caller's argument name, for errors."""
+        check_logits(teacher, name, self.out_dim, range(1, 9), self.center.device,
+                     "the loss's center buffer", self._dim_name)
+        teacher_temp = check_positive(teacher_temp, "teacher_temp")
         if update_centers:
             self.apply_center_update()
-        return torch.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+        return torch.softmax((teacher - self.center) / teacher_temp, dim=-1)
 
     _dim_name = "out_dim"
 
@@ -290,7 +289,7 @@ class DINOLoss(AsyncCenterLoss):
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output: torch.Tensor,
                                teacher_temp: float) -> torch.Tensor:
-        return self._softmax_center(teacher_output, teacher_temp)
+        return self._softmax_center(teacher_output, teacher_temp, "teacher_output")
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float,
@@ -408,7 +407,7 @@ class iBOTPatchLoss(AsyncCenterLoss):  # noqa: N801  (the official name)
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_patch_tokens: torch.Tensor,
                                teacher_temp: float) -> torch.Tensor:
-        return self._softmax_center(teacher_patch_tokens, teacher_temp)
+        return self._softmax_center(teacher_patch_tokens, teacher_temp, "teacher_patch_tokens")
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float,

@@ -118,7 +118,8 @@ class DINOLoss(dinov2.DINOLoss):
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output: torch.Tensor, teacher_temp: float,
                                update_centers: bool = True) -> torch.Tensor:
-        return self._softmax_center(teacher_output, teacher_temp, update_centers)
+        return self._softmax_center(teacher_output, teacher_temp, "teacher_output",
+                                    update_centers)
 
     def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                 ignore_diagonal: bool = False) -> torch.Tensor:
@@ -162,7 +163,8 @@ class iBOTPatchLoss(dinov2.iBOTPatchLoss):  # noqa: N801  (the official name)
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_patch_tokens: torch.Tensor, teacher_temp: float,
                                update_centers: bool = True) -> torch.Tensor:
-        return self._softmax_center(teacher_patch_tokens, teacher_temp, update_centers)
+        return self._softmax_center(teacher_patch_tokens, teacher_temp, "teacher_patch_tokens",
+                                    update_centers)
 
 
 class GramLoss(nn.Module):
