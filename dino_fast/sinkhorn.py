@@ -19,9 +19,10 @@ Computing u (a = X / tau, fp32):
   underflows to an all-zero column once a < -103 for every sample (0 / 0, NaN again);
 - iterations 2..n, from the row-normalised P = softmax(a + log u): log u_k -= log sum_b P_bk.
   P lies in [0, 1]; after a column step every column holds 1/K of the mass and every row at most
-  all of it, so each column sum of P is at least N_total / K: nothing to underflow.
-One SUM all-reduce of K floats per iteration, as the official code's column sums, when a process
-group is initialised; none otherwise.
+  all of it, so each column sum of P is at least 1/K: nothing to underflow.
+When a process group is initialised: one MAX all-reduce of K floats (the column maxima) and one
+SUM all-reduce of K floats per iteration, as many collectives as the official code (its total
+and one column sum per iteration); none without a process group.
 """
 from __future__ import annotations
 
