@@ -541,6 +541,15 @@ def _run_all(cls_x, patch_x, n_patch_rows, world):
     out["sk_patch"] = v2_ibot.sinkhorn_knopp_teacher(flat, 0.04, n_tensor)
     out["n_masked"] = n_tensor
     out["sk_center"] = sinkhorn_knopp_center(flat, 0.04)
+    if world > 1:  # the collectives of one SK call: a MAX, then one SUM per iteration, K floats
+        calls, all_reduce = [], dist.all_reduce
+        dist.all_reduce = lambda t, *a, **kw: calls.append((t.numel(), str(kw.get("op")))) or \
+            all_reduce(t, *a, **kw)
+        try:
+            sinkhorn_knopp_center(flat, 0.04, n_iterations=3)
+        finally:
+            dist.all_reduce = all_reduce
+        out["collectives"] = calls
     for step in range(2):
         v2_dino.softmax_center_teacher(cls_x, 0.07)
         v2_ibot.softmax_center_teacher(patch_x, 0.07)
@@ -585,6 +594,9 @@ def test_two_process_gloo_equals_one_process_on_the_concatenated_batch(tmp_path)
                                    single["sk_center"] - single["sk_center"].mean(),
                                    rtol=1e-5, atol=1e-5)
         assert got["n_masked"].item() == 20  # all-reduced in place, as the official
+        K = cls_x.shape[1]
+        max_op, sum_op = str(dist.ReduceOp.MAX), str(dist.ReduceOp.SUM)
+        assert got["collectives"] == [(K, max_op)] + [(K, sum_op)] * 3
         torch.testing.assert_close(got["center"], single["center"], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(got["patch_center"], single["patch_center"], rtol=1e-6,
                                    atol=1e-7)
