@@ -12,6 +12,9 @@ from typing import Optional, TextIO
 
 from tqdm import tqdm
 
+# desc, a 16-character bar, steps, elapsed < remaining time, then the metrics
+BAR_FORMAT = "{desc} [{bar:16}] {n_fmt}/{total_fmt} {elapsed}<{remaining}{postfix}"
+
 
 def format_metric(value) -> str:
     """A metric for the bar: floats with 4 significant digits (scientific below 1e-2)."""
@@ -23,7 +26,7 @@ def format_metric(value) -> str:
 
 
 class ProgressBar:
-    """`epoch 3/30:  40%|####      | 24/62 [00:03<00:05, 8.1step/s, loss 6.21 lr 1.2e-03 ...]`.
+    """`epoch 3/30 [######          ] 24/62 00:03<00:05, loss 6.21 lr 1.200e-03 img/s 310`.
 
     Args:
         total: number of steps of the epoch.
@@ -44,8 +47,8 @@ class ProgressBar:
         file = file if file is not None else sys.stdout
         self.enabled = file.isatty() if enabled is None else enabled
         self._bar = tqdm(total=total, desc=desc, file=file, mininterval=min_interval,
-                         disable=not self.enabled, ascii=True, unit="step", leave=True,
-                         dynamic_ncols=file.isatty())
+                         disable=not self.enabled, ascii=True, leave=True,
+                         dynamic_ncols=file.isatty(), bar_format=BAR_FORMAT)
 
     def update(self, done: int, **metrics) -> None:
         """Show `done` of `total` steps and the given metrics (name=value, in this order)."""

@@ -395,7 +395,8 @@ def train_one_epoch(state: TrainingState, data_loader: DataLoader, crops_of: Cal
             log.write(type="step", epoch=epoch, it=it, **shown, teacher_entropy=h,
                       marginal_entropy=h_mean,
                       images_per_s=images_seen / (time.perf_counter() - start))
-        bar.update(step + 1, **shown,
+        # the bar keeps to three figures so that it stays readable in 80 columns
+        bar.update(step + 1, **{k: shown[k] for k in ("loss", "lr") if k in shown},
                    **{"img/s": round(images_seen / (time.perf_counter() - start))})
     bar.close()
     guard.check()
