@@ -19,13 +19,14 @@ setup(
     packages=["dino_fast", "dino_fast.kernels"],
     package_dir={"dino_fast": "dino_fast", "dino_fast.kernels": "kernels"},
     install_requires=[
-        # A range that admits the 2.14.1 build on this machine's local index; never pin an exact
-        # torch, so that pip does not fetch a second multi-GB build.
-        "torch>=2.4",
-        "torchvision>=0.19",
+        # Lower bounds the tests pass on (.ci/compat: torch 2.11 / torchvision 0.26 / triton
+        # 3.6; .ci/run: the current releases); ranges, never an exact torch, so that pip does
+        # not fetch a second multi-GB build.
+        "torch>=2.11",
+        "torchvision>=0.26",
         "timm>=1.0",
         # Triton ships Linux wheels only; elsewhere the eager paths run.
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.6; platform_system == 'Linux'",
         "numpy",
         "pillow",
         "matplotlib",  # the PNG pictures: training curves, attention maps, benchmark charts

@@ -1,5 +1,6 @@
 """What every benchmark records in `extra_info`: the path timed, the device, bytes moved, GB/s,
-% of the device's bandwidth roofline (where known) and peak memory of one call.
+the roofline (on CUDA: the bytes at the device-to-device copy bandwidth measured in the same
+run, with the nominal bandwidth beside it), and peak memory of one call.
 
 Usage inside a benchmark::
 
@@ -52,6 +53,34 @@ def peak_bandwidth(device: torch.device) -> Optional[float]:
         if key in name:
             return bw
     return None
+
+
+_COPY_BANDWIDTH: dict = {}
+
+
+def copy_bandwidth(device: torch.device) -> Optional[float]:
+    """Bytes/s of a device-to-device copy measured here (read + write of 1 GiB, best of 5), the
+    roofline every CUDA benchmark is held to; None on CPUs. Measured once per process."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    key = torch.cuda.current_device() if device.index is None else device.index
+    if key not in _COPY_BANDWIDTH:
+        src = torch.empty(2**28, dtype=torch.float32, device=device).fill_(1.0)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        best = float("inf")
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        _COPY_BANDWIDTH[key] = 2 * src.numel() * src.element_size() / best
+        del src, dst
+        torch.cuda.empty_cache()
+    return _COPY_BANDWIDTH[key]
 
 
 def synchronized(fn: Callable, device: torch.device) -> Callable:
@@ -120,8 +149,15 @@ def record(benchmark, *, path: str, device: torch.device, bytes_moved: Optional[
         if stats is not None:
             seconds = stats.stats.min
             info["GB/s"] = round(bytes_moved / seconds / 1e9, 2)
-            bw = peak_bandwidth(device)
+            # the roofline: the bytes at the copy bandwidth measured in this run; the nominal
+            # figure beside it
+            bw = copy_bandwidth(device)
+            nominal = peak_bandwidth(device)
+            if nominal is not None:
+                info["nominal_GB/s"] = round(nominal / 1e9, 1)
             if bw is not None:
+                info["copy_GB/s"] = round(bw / 1e9, 1)
                 info["roofline_us"] = round(bytes_moved / bw * 1e6, 2)
                 info["pct_of_roofline"] = round(100 * bytes_moved / bw / seconds, 1)
+                info["x_roofline"] = round(seconds / (bytes_moved / bw), 3)
     info.update(extra)

@@ -4,15 +4,18 @@ fp32 and bf16 logits, on CUDA; then a sweep over K and over the number of local 
 Paths timed (`extra_info["path"]`):
 - official double loop: the official script's formulation (tests/reference.py), one
   log_softmax and one (B, K) product per crop pair, autograd backward;
-- dino_fast eager: `dino_loss_eager`, one softmax per crop, its gradient written in the forward;
-- dino_fast Triton: the fused kernels (CUDA only; on CPU the interpreter would time numpy).
+- dino_fast eager: `dino_loss_eager`, swept in cache-sized chunks, its gradient written in the
+  forward;
+- dino_fast Triton: the fused kernels (CUDA only; on CPU the interpreter would time numpy);
+- floor (CPU): `torch.softmax(S, -1)` into a fresh tensor, reading S once and writing one
+  gradient-sized tensor, what any loss path must at least do.
 
-`bytes_moved` is the ideal traffic of DESIGN.md for every path: read S and T in the forward,
-read them again and write dS in the backward, 2 (|S| + |T|) + |dS| = 0.67 GB at B = 64 fp32
-(`single_read_bytes`, |S| + |T| + |dS| = 0.44 GB, is the issue's figure, reachable only by a
-gradient written in the forward from S read once, which needs each whole row on chip). The GB/s
-of a path is therefore its effective bandwidth. Each benchmark first checks that its path agrees
-with the official formulation computed in fp32 on the same inputs.
+`bytes_moved` is what the loss must move, |S| + |T| + |dS| (0.44 GB at B = 64 fp32): the
+roofline on CUDA is that at the copy bandwidth measured in the same run (benchmarks/roofline.py).
+On CPU the eager benchmark also times the floor and the official loop in the same process,
+interleaved, and records `x_floor` (eager / floor) and `x_official` (official / eager). Each
+benchmark first checks that its path agrees with the official formulation computed in fp32 on
+the same inputs.
 
     .venv/bin/python -m pytest benchmarks/test_bench_loss.py --benchmark-only
 """
@@ -24,7 +27,6 @@ import torch
 from benchmarks import load_test_reference
 from benchmarks.roofline import peak_memory, record, synchronized
 from dino_fast.loss import dino_loss, dino_loss_eager
-
 
 reference = load_test_reference()
 
@@ -118,10 +120,23 @@ def _bench(benchmark, path, loss_fn, p, tolerances):
                        f"K={p['out_dim']} "
                        f"{str(p['dtype']).removeprefix('torch.')}, {device.type}")
     benchmark.pedantic(fn, rounds=ROUNDS[device.type], warmup_rounds=1, iterations=1)
-    record(benchmark, path=path, device=device, bytes_moved=2 * (s_bytes + t_bytes) + s_bytes,
-           peak_bytes=peak, single_read_bytes=s_bytes + t_bytes + s_bytes,
-           student_bytes=s_bytes, loss_rel_err=float(f"{errors[0]:.2e}"),
+    record(benchmark, path=path, device=device, bytes_moved=s_bytes + t_bytes + s_bytes,
+           peak_bytes=peak, student_bytes=s_bytes, loss_rel_err=float(f"{errors[0]:.2e}"),
            grad_rel_err=float(f"{errors[1]:.2e}"))
+    return fn
+
+
+def _median_seconds(fns, rounds):
+    """Median seconds of each callable, the callables interleaved round by round so that a
+    machine's drift affects them alike."""
+    import time
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def _tolerances(p):
@@ -136,8 +151,44 @@ def test_loss_official_double_loop(benchmark, problem):
     _bench(benchmark, "official double loop", _official, problem, tolerances)
 
 
+def _floor_step(p):
+    student = p["student"].detach()
+    return lambda: torch.softmax(student, dim=-1)
+
+
 def test_loss_dino_fast_eager(benchmark, problem):
-    _bench(benchmark, "dino_fast eager", _eager, problem, _tolerances(problem))
+    fn = _bench(benchmark, "dino_fast eager", _eager, problem, _tolerances(problem))
+    if problem["device"].type == "cpu":
+        # the ratios of the CPU targets, measured in this process, interleaved
+        p = problem
+        official = synchronized(lambda: _official_step(p), p["device"])
+        eager_s, floor_s = _median_seconds([fn, _floor_step(p)], rounds=9)
+        (official_s,) = _median_seconds([official], rounds=3)
+        benchmark.extra_info.update(
+            floor_ms=round(floor_s * 1e3, 2), eager_interleaved_ms=round(eager_s * 1e3, 2),
+            official_ms=round(official_s * 1e3, 2), x_floor=round(eager_s / floor_s, 2),
+            x_official=round(official_s / eager_s, 2))
+
+
+def _official_step(p):
+    student = p["student"]
+    student.grad = None
+    loss, _ = _official(student, p["teacher"], p["center"], p["ncrops"])
+    loss.backward()
+
+
+def test_loss_floor_softmax_into_a_fresh_tensor(benchmark, problem):
+    if problem["device"].type != "cpu":
+        pytest.skip("the floor is the CPU target's reference")
+    p = problem
+    fn = _floor_step(p)
+    fn()
+    benchmark.group = (f"dino loss fwd+bwd B={p['batch']} 2+{p['ncrops'] - 2} crops "
+                       f"K={p['out_dim']} {str(p['dtype']).removeprefix('torch.')}, cpu")
+    benchmark.pedantic(fn, rounds=ROUNDS["cpu"], warmup_rounds=1, iterations=1)
+    size = p["student"].numel() * p["student"].element_size()
+    record(benchmark, path="floor: softmax into a fresh tensor", device=p["device"],
+           bytes_moved=2 * size)
 
 
 @gpu

@@ -33,13 +33,13 @@ import ctypes.util
 import functools
 import math
 import sys
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 
 from dino_fast.backend import check_backend_name, resolve_backend
-from dino_fast.cross_entropy_spec import (CrossEntropySpec, check_cross_entropy_inputs,
-                                          compute_dtype)
+from dino_fast.cross_entropy_spec import CrossEntropySpec, check_cross_entropy_inputs, compute_dtype
 
 # Elements of fp32 work per chunk of rows (y and p of one crop group): ~8 MB, inside the L2 +
 # L3 share of one CPU core pair, and large enough that per-op overheads stay small.
@@ -52,7 +52,7 @@ _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _madvise():
     """libc's madvise on Linux, None elsewhere."""
     if not sys.platform.startswith("linux"):
@@ -124,13 +124,13 @@ def _sweep(student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.
     w_all = None if not weighted else row_weight.detach().to(cdt)
     # work buffers, allocated once and reused by every chunk; each chunk takes contiguous views
     # of them (a partial last chunk too: softmax's out= must be contiguous)
-    n_groups = len(groups)
     y_buf = torch.empty(widest * nb * K, dtype=cdt, device=dev)
     p_buf = torch.empty(widest * nb * K, dtype=cdt, device=dev)
     q_buf = torch.empty(G * nb * K, dtype=cdt, device=dev)
     x_buf = None if probs_given else torch.empty(G * nb * K, dtype=cdt, device=dev)
-    comb_buf = torch.empty(n_groups * nb * K, dtype=cdt, device=dev)
-    nq_buf = None if grad is None else torch.empty(n_groups * nb * K, dtype=cdt, device=dev)
+    # one group's combined Q (and its scaled negative) is live at a time
+    comb_buf = torch.empty(nb * K, dtype=cdt, device=dev)
+    nq_buf = None if grad is None else torch.empty(nb * K, dtype=cdt, device=dev)
     dots_buf = torch.empty(widest * nb, dtype=cdt, device=dev)
     total = torch.zeros((), dtype=cdt, device=dev)
     for b0 in range(0, B, nb):
@@ -147,10 +147,8 @@ def _sweep(student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.
             q = _view(q_buf, G, n, K)
             torch.ops.aten._softmax.out(x, -1, False, out=q)
         q_sum = q.sum(dim=-1)  # (G, n): 1 up to rounding for a softmax
-        comb = _view(comb_buf, n_groups, n, K)
-        nq_all = None if nq_buf is None else _view(nq_buf, n_groups, n, K)
         w = None if not weighted else w_all[b0:b1]
-        for gi, (v0, v1, pw) in enumerate(groups):
+        for v0, v1, pw in groups:
             nv = v1 - v0
             # 2. the group's combined teacher Q = sum_i W[v, i] q_i and its row sums
             active = [(i, wi) for i, wi in enumerate(pw) if wi != 0.0]
@@ -159,7 +157,7 @@ def _sweep(student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.
             elif len(active) == 1 and active[0][1] == 1.0:
                 Q = q[active[0][0]]
             else:
-                Q = comb[gi]
+                Q = _view(comb_buf, n, K)
                 torch.mul(q[active[0][0]], active[0][1], out=Q)
                 for i, wi in active[1:]:
                     Q.add_(q[i], alpha=wi)
@@ -193,15 +191,15 @@ def _sweep(student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.
                 out = G3[v0:v1, b0:b1]
                 if weighted:
                     fw = (w * f).view(n, 1)
-                    nQ = torch.mul(Q, fw, out=nq_all[gi]).neg_()
+                    nQ = torch.mul(Q, fw, out=_view(nq_buf, n, K)).neg_()
                     torch.addcmul(nQ, p, (fw.view(n) * Q_sum).view(1, n, 1), out=out)
                 elif probs_given or isinstance(f, torch.Tensor):
-                    nQ = torch.mul(Q, f, out=nq_all[gi]).neg_()
+                    nQ = torch.mul(Q, f, out=_view(nq_buf, n, K)).neg_()
                     a = (Q_sum * f).view(1, n, 1)
                     torch.addcmul(nQ, p, a, out=out)
                 else:
                     # a softmax teacher: Qsum = sum_i W[v, i] up to rounding (1e-7)
-                    nQ = torch.mul(Q, -f, out=nq_all[gi])
+                    nQ = torch.mul(Q, -f, out=_view(nq_buf, n, K))
                     torch.add(nQ, p, alpha=f * sum(wi for _, wi in active), out=out)
     return total * spec.scale if want_loss else None
 

@@ -44,7 +44,7 @@ def normalize_pair_weight(pair_weight) -> tuple:
         pair_weight = pair_weight.detach().cpu().tolist()
     try:
         rows = tuple(tuple(float(x) for x in row) for row in pair_weight)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"pair_weight must be a (n_student_crops, n_teacher_crops) table of "
                         f"numbers, got {pair_weight!r}") from None
     if not rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):

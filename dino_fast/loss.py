@@ -24,9 +24,14 @@ import torch.distributed as dist
 from torch import nn
 
 from dino_fast.backend import check_backend_name
+from dino_fast.checks import (
+    check_floating_tensor,
+    check_index,
+    check_int,
+    check_positive,
+    check_unit_interval,
+)
 from dino_fast.cross_entropy import select_backend, soft_cross_entropy
-from dino_fast.checks import (check_floating_tensor, check_index, check_int, check_positive,
-                              check_unit_interval)
 from dino_fast.schedules import teacher_temp_schedule
 
 N_GLOBAL_CROPS = 2  # the teacher sees the two global crops, rows 0..2B-1 of the student too
@@ -173,7 +178,8 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = teacher_temp_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self._pending_center = None  # (work handle, row sum, global row count) when async
-        self.register_state_dict_pre_hook(lambda module, *args, **kwargs: module.synchronize_center())
+        self.register_state_dict_pre_hook(
+            lambda module, *args, **kwargs: module.synchronize_center())
 
     @property
     def out_dim(self) -> int:

@@ -6,7 +6,8 @@ row r = v*B + b of the student paired with teacher rows i*B + b with weights W[v
 
     q_ib = exp(x_ib - lse(x_ib)), x_ib = (T_ib - c) / tau_t    (or T_ib as given: probabilities)
     Q_vb = sum_i W[v, i] q_ib,  y_vb = S_vb / tau_s
-    CE_vb = Qsum_vb lse(y_vb) - <Q_vb, y_vb> = -<Q_vb, y_vb - m_vb> + Qsum_vb log sumexp(y_vb - m_vb)
+    CE_vb = Qsum_vb lse(y_vb) - <Q_vb, y_vb>
+          = -<Q_vb, y_vb - m_vb> + Qsum_vb log sumexp(y_vb - m_vb)
     loss  = scale * sum_vb w_b CE_vb
     dloss/dS_vb = scale * w_b * (Qsum_vb softmax(y_vb) - Q_vb) / tau_s
 
@@ -37,8 +38,6 @@ no bf16 arithmetic either); the gradient is stored in the student's dtype. fp64 
 computed in fp32 here; backend="auto" sends fp64 to the eager path. Inputs may be
 non-contiguous: the kernels take row and column strides.
 """
-from __future__ import annotations
-
 import contextlib
 import functools
 from dataclasses import dataclass
@@ -134,7 +133,7 @@ def _colsum_kernel(colsum, out, n_groups, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _teacher_block(T, t_row, t_col, C, t_lse, PW, v, b, B, offs, mask, inv_tau_t,
+def _teacher_block(T, t_row, t_col, C, t_lse, PW, v, b, B, offs, mask, valid, inv_tau_t,
                    G: tl.constexpr, PROBS: tl.constexpr, HAS_CENTER: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """Q = sum_i W[v, i] q_ib on one column block (0 on masked columns)."""
@@ -151,7 +150,9 @@ def _teacher_block(T, t_row, t_col, C, t_lse, PW, v, b, B, offs, mask, inv_tau_t
         if PROBS:
             q = t
         else:
-            q = tl.where(mask, tl.exp((t - c) * inv_tau_t - tl.load(t_lse + trow)), 0.0)
+            # mask: an idle iteration of a persistent program (b >= B) reads nothing
+            lse_t = tl.load(t_lse + trow, mask=valid, other=0.0)
+            q = tl.where(mask, tl.exp((t - c) * inv_tau_t - lse_t), 0.0)
         Q += w * q
     return Q
 
@@ -193,15 +194,17 @@ def _rows_kernel(
             for k0 in range(0, K, BLOCK_K):
                 offs = k0 + tl.arange(0, BLOCK_K)
                 mask = (offs < K) & valid
-                s = tl.load(s_base + offs.to(tl.int64) * s_col, mask=mask, other=0.0)
+                # evict_last: the second sweep reads the row again from L2
+                s = tl.load(s_base + offs.to(tl.int64) * s_col, mask=mask, other=0.0,
+                            eviction_policy="evict_last")
                 y = tl.where(mask, s.to(tl.float32) * inv_tau_s, float("-inf"))
-                Q = _teacher_block(T, t_row, t_col, C, t_lse, PW, v, b, B, offs, mask,
+                Q = _teacher_block(T, t_row, t_col, C, t_lse, PW, v, b, B, offs, mask, valid,
                                    inv_tau_t, G, PROBS, HAS_CENTER, BLOCK_K)
                 m_new = tl.maximum(m, tl.max(y, axis=0))
                 m_new = tl.where(valid, m_new, 0.0)  # an idle iteration stays finite
                 # <Q, y - m_new> = <Q, y - m> - (m_new - m) Qsum: both parts <= 0
                 shift = tl.where(m > float("-inf"), m_new - m, 0.0) * qs
-                A = A - shift + tl.sum(tl.where(mask, Q * (y - m_new), 0.0), axis=0)
+                A = A - shift + tl.sum(Q * tl.where(mask, y - m_new, 0.0), axis=0)
                 se = se * tl.exp(m - m_new) + tl.sum(tl.exp(y - m_new), axis=0)
                 qs += tl.sum(Q, axis=0)
                 m = m_new
@@ -221,12 +224,14 @@ def _rows_kernel(
             for k0 in range(0, K, BLOCK_K):
                 offs = k0 + tl.arange(0, BLOCK_K)
                 mask = (offs < K) & valid
-                s = tl.load(s_base + offs.to(tl.int64) * s_col, mask=mask, other=0.0)
+                s = tl.load(s_base + offs.to(tl.int64) * s_col, mask=mask, other=0.0,
+                            eviction_policy="evict_first")
                 p = tl.exp(s.to(tl.float32) * inv_tau_s - lse)
-                Q = _teacher_block(T, t_row, t_col, C, t_lse, PW, v, b, B, offs, mask,
+                Q = _teacher_block(T, t_row, t_col, C, t_lse, PW, v, b, B, offs, mask, valid,
                                    inv_tau_t, G, PROBS, HAS_CENTER, BLOCK_K)
                 grad = tl.where(mask, g * (qs * p - Q), 0.0)
-                tl.store(d_base + offs, grad.to(dS.dtype.element_ty), mask=mask)
+                tl.store(d_base + offs, grad.to(dS.dtype.element_ty), mask=mask,
+                         eviction_policy="evict_first")
 
 
 @triton.jit
@@ -348,7 +353,7 @@ def _split_bwd_kernel(
     inv_tau_s, inv_tau_t, grad_norm,   # grad_norm = 1 / (|P| B tau_s)
     BLOCK_K: tl.constexpr,
 ):
-    """dS = (m_v softmax(y_vb) - sum_{i != v} q_ib) * grad_output * grad_norm, S and T read again."""
+    """dS = (m_v softmax(y_vb) - sum_{i != v} q_ib) * grad_output * grad_norm; S, T read again."""
     pid_k = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -386,14 +391,16 @@ PATHS = ("auto", "rows", "split")
 @dataclass(frozen=True)
 class LaunchConfig:
     """path "rows": `programs` persistent programs over the rows, columns in blocks of
-    `block_k`. path "split": grid (cdiv(K, block_k), cdiv(B, samples_per_program))."""
+    `block_k`, after a teacher pass in `teacher_groups` row groups. path "split": grid
+    (cdiv(K, block_k), cdiv(B, samples_per_program))."""
     path: str
     block_k: int
     programs: int = 1
     samples_per_program: int = 1
+    teacher_groups: int = 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -409,7 +416,8 @@ def _is_dino_layout(spec: CrossEntropySpec, row_weight) -> bool:
 
 def launch_config(spec: CrossEntropySpec, B: int, K: int, device: torch.device,
                   row_weight=None, path: str = "auto", block_k: Optional[int] = None,
-                  samples_per_program: Optional[int] = None) -> LaunchConfig:
+                  samples_per_program: Optional[int] = None, programs: Optional[int] = None,
+                  teacher_groups: Optional[int] = None) -> LaunchConfig:
     """The rows path when there are at least MIN_ROWS_PER_SM rows per multiprocessor (or on
     the interpreter), else the split path where the layout allows it (DINO's pairs)."""
     if path not in PATHS:
@@ -425,8 +433,16 @@ def launch_config(spec: CrossEntropySpec, B: int, K: int, device: torch.device,
     if path == "rows":
         bk = ROWS_BLOCK_K if block_k is None else block_k
         bk = min(bk, max(MIN_BLOCK_K, triton.next_power_of_2(K))) if block_k is None else bk
-        programs = max(1, min(rows, ROWS_PROGRAMS_PER_SM * sms))
-        config = LaunchConfig("rows", bk, programs=programs)
+        if programs is None:
+            programs = max(1, min(rows, ROWS_PROGRAMS_PER_SM * sms))
+        if teacher_groups is None:
+            nch = triton.cdiv(K, TEACHER_BLOCK_K)
+            target = 4 * sms if device.type == "cuda" else 1
+            teacher_groups = max(1, min(spec.n_teacher * B, target // nch))
+        for name, value in (("programs", programs), ("teacher_groups", teacher_groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        config = LaunchConfig("rows", bk, programs=programs, teacher_groups=teacher_groups)
     else:
         bk = (max(MIN_BLOCK_K, min(SPLIT_MAX_BLOCK_K, triton.next_power_of_2(K)))
               if block_k is None else block_k)
@@ -457,15 +473,15 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _teacher_pass(teacher, center_vec, inv_tau_t, want_lse: bool, want_sum: bool):
-    """(lse (n_rows,) or None, column sum (K,) or None), T read once."""
+def _teacher_pass(teacher, center_vec, inv_tau_t, want_lse: bool, want_sum: bool,
+                  n_groups: int):
+    """(lse (n_rows,) or None, column sum (K,) or None), T read once by programs over column
+    blocks x `n_groups` row groups."""
     n_rows, K = teacher.shape
     dev = teacher.device
     f32 = torch.float32
     nch = triton.cdiv(K, TEACHER_BLOCK_K)
-    sms = _multiprocessors(dev)
-    target = 4 * sms if dev.type == "cuda" else 1
-    n_groups = max(1, min(n_rows, target // nch))
+    n_groups = max(1, min(n_rows, n_groups))
     rpp = triton.cdiv(n_rows, n_groups)
     n_groups = triton.cdiv(n_rows, rpp)
     part = _empty((2, n_rows, nch), f32, dev) if want_lse else _empty((2, 1, 1), f32, dev)
@@ -495,6 +511,20 @@ def _reduce_colsum(colsum, K):
     _colsum_kernel[(triton.cdiv(K, TEACHER_BLOCK_K),)](
         colsum, out, colsum.shape[0], K, BLOCK=TEACHER_BLOCK_K, num_warps=TEACHER_NUM_WARPS)
     return out
+
+
+_PAIR_TABLES: dict = {}
+
+
+def _pair_table(pair_weight: tuple, device: torch.device) -> torch.Tensor:
+    """The (V*G,) fp32 pair table on the device, made once per table and device: a copy from
+    host memory at every call would wait for the device's queue to drain (a host sync)."""
+    key = (pair_weight, str(device))
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        table = torch.tensor(pair_weight, dtype=torch.float32).reshape(-1).to(device)
+        _PAIR_TABLES[key] = table
+    return table
 
 
 def _launch_rows(student, teacher, center_vec, t_lse, pw, row_weight, spec, config, dS,
@@ -533,14 +563,15 @@ class _RowsFunction(torch.autograd.Function):
         # a private copy: the loss modules update their center in place before the backward
         center_vec = (None if center is None else
                       center.detach().reshape(-1).to(torch.float32, copy=True))
-        pw = torch.tensor(spec.pair_weight, dtype=torch.float32, device=dev).reshape(-1)
+        pw = _pair_table(spec.pair_weight, dev)
         rw = None if row_weight is None else row_weight.detach()
         probs = spec.teacher_temp is None
         t_lse, col = None, None
         if not probs or teacher_sum:
             t_lse, col = _teacher_pass(teacher, center_vec,
                                        0.0 if probs else 1.0 / spec.teacher_temp,
-                                       want_lse=not probs, want_sum=teacher_sum)
+                                       want_lse=not probs, want_sum=teacher_sum,
+                                       n_groups=config.teacher_groups)
         row_stats = _empty((3, student.shape[0]), torch.float32, dev)
         # fp16 cannot hold the unscaled gradient: it is formed in the backward instead
         write = grad_in_forward and student.dtype != torch.float16
@@ -551,8 +582,9 @@ class _RowsFunction(torch.autograd.Function):
         loss = row_stats[0].sum() * spec.scale  # fixed-order fp32 sum: deterministic
         ctx.save_for_backward(student, teacher, center_vec, t_lse, pw, rw, row_stats)
         ctx.spec, ctx.config, ctx.dS = spec, config, dS
-        ctx.mark_non_differentiable(col if col is not None else loss.new_empty(0))
-        return loss, (col if col is not None else loss.new_empty(0))
+        col = col if col is not None else loss.new_empty(0)
+        ctx.mark_non_differentiable(col)
+        return loss, col
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -662,10 +694,13 @@ def soft_cross_entropy_triton(student, teacher, pair_weight, *, student_temp,
                               teacher_temp=None, center=None, row_weight=None, scale=1.0,
                               teacher_sum=False, path: str = "auto",
                               block_k: Optional[int] = None,
-                              samples_per_program: Optional[int] = None):
+                              samples_per_program: Optional[int] = None,
+                              programs: Optional[int] = None,
+                              teacher_groups: Optional[int] = None):
     """`dino_fast.cross_entropy.soft_cross_entropy` on the fused kernels, with the launch
-    exposed: path "rows" (one pass, S read once) or "split" (DINO pairs, few rows), block_k and
-    samples_per_program override the defaults of `launch_config` (for tests and tuning).
+    exposed: path "rows" (one pass, S read once) or "split" (DINO pairs, few rows); block_k,
+    samples_per_program (split), programs and teacher_groups (rows) override the defaults of
+    `launch_config` (for tests and tuning).
     Runs on CUDA, or on CPU under TRITON_INTERPRET=1. Returns the loss, or (loss, column sum)
     with teacher_sum."""
     spec, B, K = check_cross_entropy_inputs(
@@ -673,7 +708,8 @@ def soft_cross_entropy_triton(student, teacher, pair_weight, *, student_temp,
         center=center, row_weight=row_weight, scale=scale)
     resolve_backend("triton", student.device, "soft_cross_entropy_triton")
     config = launch_config(spec, B, K, student.device, row_weight, path=path, block_k=block_k,
-                           samples_per_program=samples_per_program)
+                           samples_per_program=samples_per_program, programs=programs,
+                           teacher_groups=teacher_groups)
     loss, col = run_soft_cross_entropy_triton(student, teacher, spec, center, row_weight,
                                               teacher_sum=teacher_sum, config=config)
     return (loss, col) if teacher_sum else loss

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton

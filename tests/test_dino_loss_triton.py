@@ -23,7 +23,15 @@ import torch.multiprocessing as mp
 from dino_fast import DINOLoss, dino_loss
 from dino_fast.backend import triton_available
 from dino_fast.loss import check_loss_inputs, dino_loss_eager, dino_pair_weight, num_pairs
-from reference import GRAD_RTOL, LOSS_RTOL, make_logits, official_dino_loss, rel_rms
+
+from reference import (
+    FUSED_GRAD_RTOL,
+    GRAD_RTOL,
+    LOSS_RTOL,
+    make_logits,
+    official_dino_loss,
+    rel_rms,
+)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton cannot be imported")
 
@@ -35,7 +43,7 @@ PATHS = ["rows", "split"]
 
 
 def dino_loss_triton(student, teacher, center, ncrops, tau_s, tau_t, *, path="auto",
-                     block_k=None, samples_per_program=None):
+                     block_k=None, samples_per_program=None, **rows_launch):
     """The DINO loss on the fused kernels, a launch path forced: (loss, teacher row sum)."""
     B, _ = check_loss_inputs(student, teacher, center, ncrops, student_temp=tau_s,
                              teacher_temp=tau_t)
@@ -44,7 +52,7 @@ def dino_loss_triton(student, teacher, center, ncrops, tau_s, tau_t, *, path="au
     return soft_cross_entropy_triton(
         student, teacher, dino_pair_weight(ncrops), student_temp=tau_s, teacher_temp=tau_t,
         center=center, scale=1.0 / (num_pairs(ncrops) * B), teacher_sum=True, path=path,
-        block_k=block_k, samples_per_program=samples_per_program)
+        block_k=block_k, samples_per_program=samples_per_program, **rows_launch)
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
@@ -108,7 +116,7 @@ def _check_triton_eager_oracle(student, teacher, center, ncrops, tau_s=0.1, tau_
     assert grad.dtype == dtype and grad.shape == student.shape
     assert row_sum.dtype == torch.float32 and row_sum.shape == (student.shape[1],)
     loss_tol = LOSS_RTOL[torch.float32 if dtype == torch.float64 else dtype]
-    grad_tol = GRAD_RTOL[torch.float32 if dtype == torch.float64 else dtype]
+    grad_tol = FUSED_GRAD_RTOL[torch.float32 if dtype == torch.float64 else dtype]
     assert rel_rms(loss, ref_loss) <= loss_tol, (loss.item(), ref_loss.item())
     assert rel_rms(grad, ref_grad) <= grad_tol
     assert rel_rms(row_sum, ref_sum) <= ROW_SUM_RTOL
@@ -173,6 +181,18 @@ def test_fp16_student_under_a_loss_scale_keeps_its_small_gradient(device, path):
     _, grad, _ = _check_triton_eager_oracle(student, teacher, center, 6, grad_scale=65536.0,
                                             path=path, block_k=64)
     assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("programs,teacher_groups", [(7, 3), (4, 1), (15, 6), (40, 2)])
+def test_rows_path_with_persistent_programs_and_teacher_row_groups(device, programs,
+                                                                   teacher_groups):
+    # 15 student rows over 7 programs (3 rows each, the last program idle on its last turn),
+    # 4 (a remainder of 3), 15 (one each) and 40 (most programs idle); the 6 teacher rows in
+    # 3 groups of 2, one group, 6 groups of 1, 2 groups of 3
+    student, teacher, center = make_logits(3, 5, 70, device=device)
+    _check_triton_eager_oracle(student, teacher, center, 5, path="rows", block_k=32,
+                               programs=programs, teacher_groups=teacher_groups)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -445,11 +465,11 @@ def no_kernel_may_run(monkeypatch):
 
 @pytest.mark.parametrize("name,make", _bad_module_cases(), ids=[c[0] for c in _bad_module_cases()])
 def test_bad_module_input_raises_the_eager_error_before_any_kernel(name, make, no_kernel_may_run):
-    errors, centers = {}, {}
+    errors = {}
     for backend in ("eager", "triton"):
         mod = DINOLoss(16, 4, 0.04, 0.07, 3, 10, backend=backend)
         mod.center.copy_(torch.arange(16.0).view(1, 16))
-        errors[backend] = _raised(lambda: mod(*make()))
+        errors[backend] = _raised(lambda mod=mod: mod(*make()))
         assert torch.equal(mod.center, torch.arange(16.0).view(1, 16))
         assert mod.last_backend is None
     assert errors["triton"] == errors["eager"]
@@ -493,7 +513,9 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch, no_kern
 @pytest.mark.parametrize("kw,match", [(dict(block_k=24), "block_k"), (dict(block_k=8), "block_k"),
                                       (dict(samples_per_program=0, path="split"),
                                        "samples_per_program"),
-                                      (dict(path="columns"), "path")])
+                                      (dict(path="columns"), "path"),
+                                      (dict(path="rows", programs=0), "programs"),
+                                      (dict(path="rows", teacher_groups=1.5), "teacher_groups")])
 def test_bad_launch_override_is_refused(device, kw, match, no_kernel_may_run):
     student, teacher, center = make_logits(2, 4, 16, device=device)
     with pytest.raises(ValueError, match=match):

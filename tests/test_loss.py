@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dino_fast import DINOLoss, dino_loss_eager
+
 from reference import GRAD_RTOL, LOSS_RTOL, make_logits, official_dino_loss, rel_rms
 
 # (batch, ncrops, out_dim): awkward ones included (B = 1, 2 crops only, K = 1, K not a power of

@@ -1,0 +1,205 @@
+"""soft_cross_entropy, the op under every DINO-family loss: eager and Triton (interpreter on CPU,
+compiled on CUDA) against the literal per-pair formulation (tests/reference.py), for teacher
+logits with a center, teacher probabilities as given (rows that do not sum to 1), per-sample
+row weights (zeros included), arbitrary pair tables (DINOv3's all pairs, iBOT's one pair), over
+dtypes and awkward shapes; gradients for grad_output != 1, a retained graph, no_grad; the
+teacher's column sum; bad input refused before any work. Tolerances: tests/reference.py."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dino_fast.backend import interpreter_enabled, triton_available
+from dino_fast.cross_entropy import CHUNK_ELEMENTS, soft_cross_entropy
+
+from reference import FUSED_GRAD_RTOL, GRAD_RTOL, LOSS_RTOL, literal_soft_cross_entropy, rel_rms
+
+gpu = pytest.mark.gpu
+needs_interpreter = pytest.mark.skipif(
+    not (triton_available() and interpreter_enabled()),
+    reason="Triton on CPU needs TRITON_INTERPRET=1 (conftest sets it when there is no CUDA)")
+BACKENDS = [
+    pytest.param(("eager", "cpu"), id="eager-cpu"),
+    pytest.param(("triton", "cpu"), marks=needs_interpreter, id="triton-interpreter"),
+    pytest.param(("eager", "cuda"), marks=gpu, id="eager-cuda"),
+    pytest.param(("triton", "cuda"), marks=gpu, id="triton-cuda"),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DINO_2_2 = [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+# (name, pair table, batch, K)
+LAYOUTS = [
+    ("dino 2+2", DINO_2_2, 3, 33),
+    ("dinov3 all pairs 3x2", [[1.0, 1.0]] * 3, 2, 100),
+    ("ibot one pair, M=1", [[1.0]], 1, 7),
+    ("ibot one pair", [[1.0]], 5, 1025),
+    ("weighted pairs", [[0.5, 0.0], [2.0, 1.0], [0.0, 0.0]], 2, 64),
+    ("K=1", DINO_2_2, 2, 1),
+]
+MODES = ["logits+center", "logits", "probabilities"]
+
+
+def _inputs(table, B, K, dtype, mode, weighted, device, seed=0):
+    V, G = len(table), len(table[0])
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(V * B, K, generator=g) * 2
+    teacher = torch.randn(G * B, K, generator=g)
+    center = torch.randn(1, K, generator=g) * 0.1 if mode == "logits+center" else None
+    if mode == "probabilities":  # rows of a sharpened softmax, scaled not to sum to 1
+        teacher = F.softmax(teacher * 3, dim=-1) * (0.5 + torch.rand(G * B, 1, generator=g))
+    row_weight = None
+    if weighted:
+        row_weight = torch.rand(B, generator=g) + 0.1
+        row_weight[0] = 0.0  # an image without masked patches
+    to = dict(device=device)
+    return (student.to(dtype=dtype, **to), teacher.to(dtype=dtype, **to),
+            None if center is None else center.to(**to),
+            None if row_weight is None else row_weight.to(**to))
+
+
+def _check(backend, device, table, B, K, dtype, mode, weighted, grad_output=2.5, scale=0.3,
+           **kw):
+    student, teacher, center, row_weight = _inputs(table, B, K, dtype, mode, weighted, device)
+    temp = None if mode == "probabilities" else 0.04
+    s_ref = student.detach().double().requires_grad_()
+    ref = literal_soft_cross_entropy(
+        s_ref, teacher.double(), table, 0.1, temp,
+        None if center is None else center.double(),
+        None if row_weight is None else row_weight.double(), scale=scale)
+    (ref * grad_output).backward()
+    s = student.detach().clone().requires_grad_()
+    loss, col = soft_cross_entropy(s, teacher, table, student_temp=0.1, teacher_temp=temp,
+                                   center=center, row_weight=row_weight, scale=scale,
+                                   teacher_sum=True, backend=backend, **kw)
+    (loss * grad_output).backward()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert s.grad.dtype == dtype
+    assert rel_rms(loss.detach(), ref) <= LOSS_RTOL[dtype], (loss.item(), ref.item())
+    tol = (FUSED_GRAD_RTOL if backend == "triton" else GRAD_RTOL)[dtype]
+    assert rel_rms(s.grad, s_ref.grad) <= tol
+    assert col.dtype == torch.float32 and col.shape == (K,)
+    assert rel_rms(col, teacher.double().sum(0)) <= 1e-6
+    return loss, s.grad
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("name,table,B,K", LAYOUTS, ids=[lay[0] for lay in LAYOUTS])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "row-weights"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_the_literal_pair_loop(backend_device, name, table, B, K, mode, weighted, dtype):
+    backend, device = backend_device
+    _check(backend, device, table, B, K, dtype, mode, weighted)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("grad_output", [1.0, -3.0, 0.0, 65536.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradient_follows_grad_output(backend_device, grad_output, dtype):
+    backend, device = backend_device
+    # 65536: a loss scaler's factor on an fp16 student; the gradient must be formed scaled
+    _, grad = _check(backend, device, DINO_2_2, 3, 50, dtype, "probabilities", True,
+                     grad_output=grad_output, scale=1e-3)
+    if grad_output == 0.0:
+        assert torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_retained_graph_and_no_grad(backend_device):
+    backend, device = backend_device
+    student, teacher, _, row_weight = _inputs([[1.0]], 4, 40, torch.float32, "probabilities",
+                                              True, device)
+    args = dict(student_temp=0.1, row_weight=row_weight, backend=backend)
+    x = student.clone().requires_grad_() * 1.0
+    loss = soft_cross_entropy(x, teacher, [[1.0]], **args)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g2, g1, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        plain = soft_cross_entropy(x, teacher, [[1.0]], **args)
+    assert plain.grad_fn is None and rel_rms(plain, loss.detach()) <= 1e-6
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_large_logits_stay_finite_and_exact(backend_device):
+    # S / tau_s and (T - c) / tau_t reach +-500: a bare exp overflows fp32 past 88
+    backend, device = backend_device
+    student, teacher, center, _ = _inputs(DINO_2_2, 2, 129, torch.float32, "logits+center",
+                                          False, device)
+    student, teacher = student * 25, teacher * 10
+    s = student.clone().requires_grad_()
+    loss = soft_cross_entropy(s, teacher, DINO_2_2, student_temp=0.1, teacher_temp=0.04,
+                              center=center, backend=backend)
+    loss.backward()
+    ref = literal_soft_cross_entropy(student.double(), teacher.double(), DINO_2_2, 0.1, 0.04,
+                                     center.double())
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert rel_rms(loss.detach(), ref) <= LOSS_RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_no_buffer_of_the_students_size_but_the_gradient(backend_device, monkeypatch):
+    # 6 crops x 16 samples at K = 65536: the eager path works in chunks of 5 samples, the
+    # Triton path keeps per-row statistics only
+    backend, device = backend_device
+    table = [[1.0, 1.0]] * 6
+    student, teacher, center, _ = _inputs(table, 16, 65536, torch.float32, "logits+center",
+                                          False, device)
+    student.requires_grad_()
+    sizes, empty = [], torch.empty
+
+    def spy(*size, **kwargs):
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
+        n = 1
+        for d in shape:
+            n *= d
+        sizes.append(n)
+        return empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", spy)
+    loss = soft_cross_entropy(student, teacher, table, student_temp=0.1, teacher_temp=0.04,
+                              center=center, backend=backend)
+    loss.backward()
+    largest, second = sorted(sizes)[-1], sorted(sizes)[-2]
+    assert largest == student.numel()  # the gradient
+    assert second <= CHUNK_ELEMENTS and second <= student.numel() // 3
+
+
+def _bad_cases():
+    s, t = torch.randn(8, 16), torch.randn(4, 16)  # 4 student crops, 2 teacher crops, B = 2
+    W = DINO_2_2
+    base = dict(student_temp=0.1, teacher_temp=0.04)
+    return [
+        ("ragged pair table", (s, t, [[0.0, 1.0], [1.0]]), base, ValueError, "pair_weight"),
+        ("empty pair table", (s, t, []), base, ValueError, "pair_weight"),
+        ("non-numeric pair table", (s, t, "ab"), base, TypeError, "pair_weight"),
+        ("nan pair weight", (s, t, [[float("nan"), 1.0]] * 4), base, ValueError, "pair_weight"),
+        ("rows not a multiple of crops", (torch.randn(9, 16), t, W), base, ValueError, "student"),
+        ("teacher rows", (s, torch.randn(6, 16), W), base, ValueError, "teacher"),
+        ("teacher columns", (s, torch.randn(4, 15), W), base, ValueError, "teacher"),
+        ("integer student", (s.long(), t, W), base, TypeError, "student"),
+        ("integer teacher", (s, t.int(), W), base, TypeError, "teacher"),
+        ("3-D student", (s.view(8, 4, 4), t, W), base, ValueError, "student"),
+        ("teacher on meta", (s, t.to("meta"), W), base, ValueError, "teacher"),
+        ("center with probabilities", (s, t, W), dict(student_temp=0.1,
+                                                      center=torch.zeros(16)),
+         ValueError, "center"),
+        ("center size", (s, t, W), dict(base, center=torch.zeros(1, 15)), ValueError, "center"),
+        ("center 2-D wide", (s, t, W), dict(base, center=torch.zeros(2, 16)), ValueError,
+         "center"),
+        ("row_weight shape", (s, t, W), dict(base, row_weight=torch.ones(3)), ValueError,
+         "row_weight"),
+        ("row_weight integer", (s, t, W), dict(base, row_weight=torch.ones(2, dtype=torch.long)),
+         TypeError, "row_weight"),
+        ("student_temp 0", (s, t, W), dict(student_temp=0.0, teacher_temp=0.04), ValueError,
+         "student_temp"),
+        ("teacher_temp nan", (s, t, W), dict(student_temp=0.1, teacher_temp=float("nan")),
+         ValueError, "teacher_temp"),
+        ("scale inf", (s, t, W), dict(base, scale=float("inf")), TypeError, "scale"),
+        ("backend name", (s, t, W), dict(base, backend="cuda"), ValueError, "backend"),
+    ]
+
+
+@pytest.mark.parametrize("name,args,kwargs,exc,word", _bad_cases(),
+                         ids=[c[0] for c in _bad_cases()])
+def test_bad_input_is_refused_naming_the_argument(name, args, kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        soft_cross_entropy(*args, **kwargs)
