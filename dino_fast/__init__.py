@@ -1,5 +1,7 @@
 """dino_fast: the official DINO recipe with fused Triton kernels for the loss and the teacher EMA.
 
+The DINOv2 / DINOv3 loss classes are in `dino_fast.dinov2` and `dino_fast.dinov3`.
+
     from dino_fast import DINOLoss, TeacherEMA, DINOHead, MultiCropWrapper, build_vit
 
     student = MultiCropWrapper(build_vit("vit_small"), DINOHead(384, 65536))
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 from dino_fast.augmentation import DataAugmentationDINO
 from dino_fast.batch_augmentation import BatchedDataAugmentationDINO
 from dino_fast.checkpoint import load_official_checkpoint
+from dino_fast.cross_entropy import soft_cross_entropy
 from dino_fast.data import ProceduralShapes, build_dataset
 from dino_fast.ema import TeacherEMA, ema_update_
 from dino_fast.head import DINOHead
@@ -28,7 +31,7 @@ from dino_fast.schedules import cosine_scheduler
 
 __all__ = [
     # losses
-    "DINOLoss", "dino_loss", "dino_loss_eager",
+    "DINOLoss", "dino_loss", "dino_loss_eager", "soft_cross_entropy",
     # teacher EMA
     "TeacherEMA", "ema_update_",
     # models

@@ -6,7 +6,7 @@ import pytest
 
 MODULES_WITH_EXAMPLES = ["dino_fast.models", "dino_fast.head", "dino_fast.ema", "dino_fast.data",
                          "dino_fast.augmentation", "dino_fast.batch_augmentation",
-                         "dino_fast.knn"]
+                         "dino_fast.knn", "dino_fast.cross_entropy"]
 
 
 @pytest.mark.parametrize("name", MODULES_WITH_EXAMPLES)
