@@ -54,7 +54,7 @@ rc=$?
 tail -n 15 "$OUT/gpu_tests.txt"
 
 echo "== pytest -m gpu benchmarks --benchmark-only, file by file (limit ${GPU_BENCH_LIMIT:-180} s)"
-# one JSON per file (pytest-benchmark writes it at the end of a session: a file cut by its time
+# one JSON per file (pytest-benchmark writes it when pytest exits: a file cut by its time
 # limit loses only its own figures), merged for the table
 rm -f "$OUT"/benchmarks*.json "$OUT/benchmarks.txt"
 # shares of the limit, in percent: the loss file has the most CUDA sizes
