@@ -21,6 +21,8 @@ the same inputs.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -129,7 +131,6 @@ def _bench(benchmark, path, loss_fn, p, tolerances):
 def _median_seconds(fns, rounds):
     """Median seconds of each callable, the callables interleaved round by round so that a
     machine's drift affects them alike."""
-    import time
     times = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):

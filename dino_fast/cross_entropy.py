@@ -85,12 +85,6 @@ def empty_gradient(shape, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 # --------------------------------------------------------------------------- eager sweep
 
-def _as_center(center, K, dtype, device):
-    if center is None:
-        return None
-    return center.detach().reshape(1, 1, K).to(dtype)
-
-
 def _view(buf: torch.Tensor, *shape: int) -> torch.Tensor:
     """A contiguous view of the first prod(shape) elements of a flat work buffer."""
     return buf[:math.prod(shape)].view(shape)
@@ -112,7 +106,7 @@ def _sweep(student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.
     cdt = compute_dtype(student, teacher)
     S3, T3 = student.view(V, B, K), teacher.view(G, B, K)
     G3 = None if grad is None else grad.view(V, B, K)
-    c = _as_center(center, K, cdt, dev)
+    c = None if center is None else center.view(1, 1, K)  # the forward's (K,) copy in cdt
     groups = spec.groups()
     widest = max(v1 - v0 for v0, v1, _ in groups)
     nb = max(1, min(B, CHUNK_ELEMENTS // (widest * K)))

@@ -431,8 +431,8 @@ def launch_config(spec: CrossEntropySpec, B: int, K: int, device: torch.device,
         raise ValueError("path='split' supports the DINO pairs only (2 teacher crops, "
                          "W[v, i] = [v != i], teacher logits, no row weights)")
     if path == "rows":
-        bk = ROWS_BLOCK_K if block_k is None else block_k
-        bk = min(bk, max(MIN_BLOCK_K, triton.next_power_of_2(K))) if block_k is None else bk
+        bk = (min(ROWS_BLOCK_K, max(MIN_BLOCK_K, triton.next_power_of_2(K)))
+              if block_k is None else block_k)
         if programs is None:
             programs = max(1, min(rows, ROWS_PROGRAMS_PER_SM * sms))
         if teacher_groups is None:
