@@ -2,12 +2,13 @@
 the training script and by `python -m dino_fast.knn`, which rebuilds a checkpoint's run from the
 arguments stored in it.
 
-    from dino_fast.builders import build_backbone, build_head, build_knn_datasets
+    from dino_fast.builders import build_backbone, build_head, build_ibot_head, build_knn_datasets
     student = MultiCropWrapper(build_backbone(args), build_head(args, embed_dim))
 """
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -20,7 +21,8 @@ from dino_fast.models import build_vit
 
 def build_backbone(args: argparse.Namespace, teacher: bool = False) -> nn.Module:
     """The run's ViT (`build_vit` with --arch, --patch_size, --image_size, --depth, --embed_dim,
-    --num_heads; 0 keeps the architecture's value).
+    --num_heads; 0 keeps the architecture's value), with DINOv2's mask token when the run has
+    iBOT on (`args.use_mask_token`, set by the argument checks).
 
     Args:
         args: the training arguments.
@@ -33,12 +35,23 @@ def build_backbone(args: argparse.Namespace, teacher: bool = False) -> nn.Module
     overrides = {k: getattr(args, k) for k in ("depth", "embed_dim", "num_heads")
                  if getattr(args, k)}
     return build_vit(args.arch, args.patch_size, img_size=args.image_size,
-                     drop_path_rate=0.0 if teacher else args.drop_path_rate, **overrides)
+                     drop_path_rate=0.0 if teacher else args.drop_path_rate,
+                     mask_token=bool(getattr(args, "use_mask_token", False)), **overrides)
 
 
 def build_head(args: argparse.Namespace, embed_dim: int) -> nn.Module:
     """The run's DINO projection head: (N, embed_dim) features -> (N, --out_dim) logits."""
     return DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
+                    norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
+                    bottleneck_dim=args.head_bottleneck_dim)
+
+
+def build_ibot_head(args: argparse.Namespace, embed_dim: int) -> Optional[nn.Module]:
+    """The run's separate iBOT head (--ibot_out_dim prototypes, the DINO head's widths), or None
+    when the patch tokens share the DINO head or iBOT is off."""
+    if not getattr(args, "ibot_separate_head", False):
+        return None
+    return DINOHead(embed_dim, args.ibot_out_dim, use_bn=args.use_bn_in_head,
                     norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
                     bottleneck_dim=args.head_bottleneck_dim)
 

@@ -10,7 +10,8 @@ A training checkpoint is a plain dict of tensors and Python scalars (loadable wi
                 the run was launched
     teacher     state_dict of the teacher, same layout (the k-NN evaluation reads this one)
     optimizer   optimizer state_dict
-    dino_loss   the loss's state_dict (its center)
+    dino_loss   the DINO loss's state_dict (its center; the official checkpoint's entry)
+    ibot_loss   the iBOT loss's state_dict (its center), or None without iBOT
     scaler      GradScaler state_dict, or None without fp16
     args        the run's arguments as a dict (enough to rebuild the models)
 
@@ -59,7 +60,8 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 
 def training_state(*, epoch: int, student: nn.Module, teacher: nn.Module,
                    optimizer: torch.optim.Optimizer, dino_loss: nn.Module,
-                   scaler: Optional[torch.amp.GradScaler], args: dict) -> dict:
+                   scaler: Optional[torch.amp.GradScaler], args: dict,
+                   ibot_loss: Optional[nn.Module] = None) -> dict:
     """Everything `--resume` needs, as a checkpoint dict (see the module docstring).
 
     Args:
@@ -67,6 +69,7 @@ def training_state(*, epoch: int, student: nn.Module, teacher: nn.Module,
         student, teacher: the networks (unwrapped from DDP / torch.compile for stable keys).
         optimizer, dino_loss, scaler: their states (scaler None without fp16).
         args: the run's arguments as a dict.
+        ibot_loss: the iBOT loss (DINOv2 recipe), or None.
 
     Returns:
         The checkpoint dict; save it with `atomic_torch_save`.
@@ -77,6 +80,7 @@ def training_state(*, epoch: int, student: nn.Module, teacher: nn.Module,
         "teacher": unwrap_model(teacher).state_dict(),
         "optimizer": optimizer.state_dict(),
         "dino_loss": dino_loss.state_dict(),
+        "ibot_loss": ibot_loss.state_dict() if ibot_loss is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "args": dict(args),
     }
@@ -131,7 +135,8 @@ def load_checkpoint(path: PathLike) -> dict:
 
 def restore_training_state(ckpt: dict, *, student: nn.Module, teacher: nn.Module,
                            optimizer: torch.optim.Optimizer, dino_loss: nn.Module,
-                           scaler: Optional[torch.amp.GradScaler]) -> int:
+                           scaler: Optional[torch.amp.GradScaler],
+                           ibot_loss: Optional[nn.Module] = None) -> int:
     """Load a training checkpoint into the live objects (strictly).
 
     Args:
@@ -139,6 +144,7 @@ def restore_training_state(ckpt: dict, *, student: nn.Module, teacher: nn.Module
         student, teacher, optimizer, dino_loss: the run's objects, built with the checkpoint's
             arguments.
         scaler: the fp16 gradient scaler, or None.
+        ibot_loss: the iBOT loss of a DINOv2-recipe run, or None.
 
     Returns:
         The epoch to start from (the number of finished epochs).
@@ -147,6 +153,11 @@ def restore_training_state(ckpt: dict, *, student: nn.Module, teacher: nn.Module
     unwrap_model(teacher).load_state_dict(ckpt["teacher"])
     optimizer.load_state_dict(ckpt["optimizer"])
     dino_loss.load_state_dict(ckpt["dino_loss"])
+    if ibot_loss is not None:
+        if ckpt.get("ibot_loss") is None:
+            raise ValueError("the run has an iBOT loss but the checkpoint has no iBOT center (it "
+                             "was written by a run without iBOT)")
+        ibot_loss.load_state_dict(ckpt["ibot_loss"])
     if scaler is not None:
         if ckpt.get("scaler") is None:
             raise ValueError("the run uses fp16 with a gradient scaler but the checkpoint has no "

@@ -65,6 +65,9 @@ def check_loss_inputs(student_output, teacher_output, center, ncrops: int, *,
     if teacher_output.shape[0] != N_GLOBAL_CROPS * B:
         raise ValueError(f"teacher_output must have {N_GLOBAL_CROPS}*batch = {N_GLOBAL_CROPS * B} "
                          f"rows (batch={B} from student_output), got {teacher_output.shape[0]}")
+    check_floating_tensor(center, "center")
+    if center.dim() != 2 or center.shape[0] != 1:
+        raise ValueError(f"center must have shape (1, out_dim), got {tuple(center.shape)}")
     if center.shape != (1, K) or teacher_output.shape[1] != K:
         raise ValueError(f"out_dim mismatch: the loss was built with out_dim={center.shape[1]}, "
                          f"student_output has {K} columns and teacher_output has "

@@ -14,9 +14,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 # (embed_dim, depth, num_heads) of the official DINO ViTs; mlp_ratio 4, qkv_bias, LayerNorm eps 1e-6
@@ -63,8 +64,57 @@ def check_vit_args(arch: str, patch_size: int, img_size: int, drop_path_rate: fl
                          f"{n('num_heads')}={heads}")
 
 
+class TokenVisionTransformer(VisionTransformer):
+    """timm's VisionTransformer (same parameters and keys) with DINOv2's two additions: an
+    optional learnable `mask_token` that replaces the embeddings of masked patches before the
+    blocks, and the final-norm patch tokens as a second output.
+
+    forward(x) is timm's: (B, embed_dim) CLS features. forward(x, masks=None,
+    return_patch_tokens=True) returns (cls (B, D), patch_tokens (B, h*w, D)), patches in
+    row-major order; `masks` (B, h*w) bool (True = masked) needs the mask token. The mask token
+    is a (1, D) parameter initialised to zeros, as DINOv2's; it is added to the state dict (key
+    `mask_token`) only when built with `mask_token=True`, so official DINO checkpoints still load
+    into the ViT without one.
+    """
+
+    def __init__(self, *args, mask_token: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
+        else:
+            self.register_parameter("mask_token", None)
+
+    def forward(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                return_patch_tokens: bool = False):
+        if masks is None and not return_patch_tokens:
+            return super().forward(x)
+        tokens = self.patch_embed(x)  # (B, h, w, D) with dynamic_img_size, else (B, h*w, D)
+        if masks is not None:
+            tokens = self._masked(tokens, masks)
+        x = self.norm(self.blocks(self.norm_pre(self.patch_drop(self._pos_embed(tokens)))))
+        cls = self.forward_head(x)
+        return (cls, x[:, self.num_prefix_tokens:]) if return_patch_tokens else cls
+
+    def _masked(self, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        if self.mask_token is None:
+            raise ValueError("masks were given but this ViT has no mask token: build it with "
+                             "build_vit(..., mask_token=True)")
+        n_patches = tokens.shape[1:-1].numel()
+        if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool or \
+                tuple(masks.shape) != (tokens.shape[0], n_patches):
+            raise ValueError(f"masks must be a bool tensor of shape (images, patches) = "
+                             f"({tokens.shape[0]}, {n_patches}) for these images, got "
+                             + (f"{masks.dtype} {tuple(masks.shape)}"
+                                if isinstance(masks, torch.Tensor) else type(masks).__name__))
+        if masks.device != tokens.device:
+            raise ValueError(f"masks are on {masks.device} but the images on {tokens.device}")
+        token = self.mask_token.to(tokens.dtype).view(*[1] * (tokens.dim() - 1), -1)
+        return torch.where(masks.view(*tokens.shape[:-1], 1), token, tokens)
+
+
 def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
-              drop_path_rate: float = 0.0, **overrides) -> nn.Module:
+              drop_path_rate: float = 0.0, mask_token: bool = False,
+              **overrides) -> nn.Module:
     """A timm VisionTransformer with the official DINO settings, randomly initialised.
 
     Args:
@@ -76,13 +126,17 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
             other sizes (the local crops) resample them on the fly (timm `dynamic_img_size`).
         drop_path_rate: stochastic depth, linearly increasing over the blocks (0.1 for the
             student).
+        mask_token: add DINOv2's learnable mask token (for the iBOT masked-patch loss; see
+            `TokenVisionTransformer`).
         overrides: other VisionTransformer arguments, e.g. depth=2, embed_dim=64, num_heads=2 for
             a quick CPU model, or reg_tokens=4. num_classes, global_pool, class_token and
             dynamic_img_size are fixed, and nothing is ever downloaded (no `pretrained`; use
             `dino_fast.checkpoint.load_official_checkpoint`).
 
     Returns:
-        The ViT: forward(images (B, 3, H, W)) -> (B, embed_dim), the final-norm CLS token. It
+        A `TokenVisionTransformer` (a timm VisionTransformer): forward(images (B, 3, H, W)) ->
+        (B, embed_dim), the final-norm CLS token; forward(images, masks, return_patch_tokens=True)
+        also gives the patch tokens. It
         exposes `.embed_dim`, `.num_prefix_tokens` (CLS + registers) and
         `.patch_embed.patch_size`. Initialisation as the official ViT: truncated-normal (std
         0.02) Linear weights, pos_embed and cls_token, zero biases, LayerNorm 1/0.
@@ -93,7 +147,6 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
         (torch.Size([4, 192]), torch.Size([4, 192]))
     """
     from timm.layers import LayerNorm
-    from timm.models.vision_transformer import VisionTransformer
 
     check_vit_args(arch, patch_size, img_size, drop_path_rate,
                    overrides.get("embed_dim", 0), overrides.get("num_heads", 0))
@@ -110,7 +163,7 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
                   norm_layer=partial(LayerNorm, eps=1e-6), drop_path_rate=float(drop_path_rate))
     kwargs.update(overrides)
     kwargs.update(_FIXED_VIT_ARGS)
-    vit = VisionTransformer(**kwargs)
+    vit = TokenVisionTransformer(mask_token=mask_token, **kwargs)
     # timm initialises the CLS token with std 1e-6; the official ViT uses the truncated normal
     nn.init.trunc_normal_(vit.cls_token, std=0.02)
     return vit
@@ -201,8 +254,24 @@ def last_selfattention(vit: nn.Module, images: torch.Tensor
     return probs[:, :, 0, vit.num_prefix_tokens:], (int(grid[0]), int(grid[1]))
 
 
+class MultiCropOutput(NamedTuple):
+    """What `MultiCropWrapper` returns when asked for more than the CLS logits.
+
+    logits: (sum_v B, out_dim) head outputs of every crop's CLS token, crop-major.
+    global_features: (n_global * B, embed_dim) backbone CLS features of the global crops (the
+        leading crops of the first resolution), e.g. for KoLeo.
+    patch_logits: (M, patch_out_dim) head outputs (the iBOT head's, or the shared head's) of the
+        M selected patch tokens of the global crops, in the order of `select[select]`; None when
+        no patches were selected.
+    """
+    logits: torch.Tensor
+    global_features: torch.Tensor
+    patch_logits: Optional[torch.Tensor]
+
+
 class MultiCropWrapper(nn.Module):
-    """backbone + head over a list of crop batches of different resolutions (official wrapper).
+    """backbone + head over a list of crop batches of different resolutions (official wrapper),
+    with DINOv2's masked patch tokens as an option.
 
     forward(crops): crops is a list of (B, 3, h_v, w_v) tensors, crop-major (crops 0 and 1 the
     global ones); a single tensor is treated as a one-element list. The backbone runs once per
@@ -210,12 +279,23 @@ class MultiCropWrapper(nn.Module):
     concatenated and the head runs once. Returns (sum_v B, out_dim) with rows v*B..(v+1)*B-1 for
     crop v: the loss's crop-major layout. A backbone returning a tuple contributes its first item.
 
+    forward(crops, masks=..., patch_select=..., structured=True) returns a `MultiCropOutput`.
+    The global crops are the first run of crops of one resolution (n_global * B images):
+    - masks (n_global * B, h*w) bool: their masked patches take the backbone's mask token (the
+      student's input in DINOv2); the masked patch tokens are then also the selected ones;
+    - patch_select (n_global * B, h*w) bool: which of their patch tokens (unmasked input: the
+      teacher's) go through the patch head;
+    the selected patch tokens go through `ibot_head` when the wrapper has one, else through
+    `head` in the same call as the CLS tokens (DINOv2's shared head). The backbone must accept
+    `masks=` and `return_patch_tokens=` (`build_vit`'s does).
+
     As the official wrapper, a Linear `fc` or `head` attribute of the backbone (a classifier) is
     replaced by nn.Identity, so the backbone outputs features.
 
     Args:
         backbone: images (B, 3, h, w) -> features (B, D), e.g. from `build_vit`.
         head: features (N, D) -> logits (N, out_dim), e.g. a `DINOHead`.
+        ibot_head: an optional separate head for the patch tokens (DINOv2's `ibot_head`).
 
     Example:
         >>> from dino_fast.head import DINOHead
@@ -224,15 +304,21 @@ class MultiCropWrapper(nn.Module):
         >>> crops = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 6
         >>> net(crops).shape
         torch.Size([32, 1024])
+        >>> select = torch.zeros(8, 16, dtype=torch.bool); select[:, :3] = True
+        >>> out = net(crops, patch_select=select)             # 24 patch tokens through the head
+        >>> out.logits.shape, out.global_features.shape, out.patch_logits.shape
+        (torch.Size([32, 1024]), torch.Size([8, 192]), torch.Size([24, 1024]))
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, ibot_head: Optional[nn.Module] = None):
         super().__init__()
         for name in ("fc", "head"):
             if isinstance(getattr(backbone, name, None), nn.Linear):
                 setattr(backbone, name, nn.Identity())
         self.backbone = backbone
         self.head = head
+        if ibot_head is not None:
+            self.ibot_head = ibot_head
 
     @staticmethod
     def _check_crops(x) -> list:
@@ -247,19 +333,50 @@ class MultiCropWrapper(nn.Module):
                                  f"{getattr(crop, 'shape', type(crop).__name__)}")
         return list(x)
 
-    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
-        crops = self._check_crops(x)
-        features = []
-        start = 0
+    @staticmethod
+    def _runs(crops: list) -> list[tuple[int, int]]:
+        """[start, end) of each run of consecutive crops with the same resolution."""
+        runs, start = [], 0
         while start < len(crops):
             end = start + 1
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
-            batch = crops[start] if end - start == 1 else torch.cat(crops[start:end])
-            out = self.backbone(batch)
-            features.append(out[0] if isinstance(out, tuple) else out)
+            runs.append((start, end))
             start = end
-        return self.head(features[0] if len(features) == 1 else torch.cat(features))
+        return runs
+
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]],
+                masks: Optional[torch.Tensor] = None, patch_select: Optional[torch.Tensor] = None,
+                structured: bool = False) -> Union[torch.Tensor, MultiCropOutput]:
+        crops = self._check_crops(x)
+        runs = self._runs(crops)
+        want_patches = masks is not None or patch_select is not None
+        structured = structured or want_patches
+        features, patch_tokens = [], None
+        for i, (start, end) in enumerate(runs):
+            batch = crops[start] if end - start == 1 else torch.cat(crops[start:end])
+            if i == 0 and want_patches:
+                out, patch_tokens = self.backbone(batch, masks=masks, return_patch_tokens=True)
+            else:
+                out = self.backbone(batch)
+            features.append(out[0] if isinstance(out, tuple) else out)
+        cls = features[0] if len(features) == 1 else torch.cat(features)
+        if not structured:
+            return self.head(cls)
+        select = patch_select if patch_select is not None else masks
+        if select is None:
+            return MultiCropOutput(self.head(cls), features[0], None)
+        if select.dtype != torch.bool or select.shape != patch_tokens.shape[:2]:
+            name = "patch_select" if patch_select is not None else "masks"
+            raise ValueError(f"{name} must be a bool tensor of shape (images, patches) = "
+                             f"{tuple(patch_tokens.shape[:2])} for the global crops, got "
+                             f"{select.dtype} {tuple(select.shape)}")
+        selected = patch_tokens[select]
+        ibot_head = getattr(self, "ibot_head", None)
+        if ibot_head is not None:
+            return MultiCropOutput(self.head(cls), features[0], ibot_head(selected))
+        both = self.head(torch.cat([cls, selected]))
+        return MultiCropOutput(both[:cls.shape[0]], features[0], both[cls.shape[0]:])
 
 
 def compile_backbone(module: nn.Module, **compile_kwargs) -> nn.Module:

@@ -37,7 +37,7 @@ from dino_fast.batch_augmentation import (
     collate_images,
     to_uint8_tensor,
 )
-from dino_fast.builders import build_backbone, build_head, build_knn_datasets
+from dino_fast.builders import build_backbone, build_head, build_ibot_head, build_knn_datasets
 from dino_fast.checkpoint import (
     atomic_torch_save,
     load_checkpoint,
@@ -48,7 +48,7 @@ from dino_fast.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, subset
 from dino_fast.distributed import DistEnv
 from dino_fast.ema import TeacherEMA
 from dino_fast.knn import knn_accuracy
-from dino_fast.loss import DINOLoss
+from dino_fast.masking import BlockMaskGenerator, MaskBatch, sample_masks
 from dino_fast.models import MultiCropWrapper, compile_backbone, unwrap_model
 from dino_fast.monitor import NonFiniteGuard, NonFiniteLoss, collapse_warning, teacher_entropies
 from dino_fast.optim import (
@@ -67,6 +67,7 @@ from dino_fast.train_args import (
     validate_args,
 )
 from dino_fast.training_log import JsonlLog
+from dino_fast.training_loss import TrainingLoss
 
 
 def derive_seed(seed: int, rank: int, epoch: int = -1, stream: int = 0) -> int:
@@ -89,7 +90,8 @@ class TrainingState:
     """What the training loop works on: the run's arguments and every object a step uses.
 
     student / teacher: MultiCropWrappers (the student possibly in DDP); teacher_ema updates the
-    teacher from the student; lr_schedule / wd_schedule: one value per global iteration;
+    teacher from the student; loss: the DINO (+ iBOT + KoLeo) objective; lr_schedule /
+    wd_schedule: one value per global iteration;
     scaler: the fp16 gradient scaler or None; amp_dtype: the autocast dtype or None (fp32);
     guard: stops the run on a non-finite loss; log: the run's log.jsonl.
     """
@@ -98,7 +100,7 @@ class TrainingState:
     student: nn.Module
     teacher: nn.Module
     teacher_ema: TeacherEMA
-    dino_loss: DINOLoss
+    loss: TrainingLoss
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
     lr_schedule: np.ndarray
@@ -193,8 +195,10 @@ def train_dino(args: argparse.Namespace) -> dict:
     # ============ building student and teacher networks ... ============
     student_backbone, teacher_backbone = build_backbone(args), build_backbone(args, teacher=True)
     embed_dim = student_backbone.embed_dim
-    student = MultiCropWrapper(student_backbone, build_head(args, embed_dim))
-    teacher = MultiCropWrapper(teacher_backbone, build_head(args, embed_dim))
+    student = MultiCropWrapper(student_backbone, build_head(args, embed_dim),
+                               build_ibot_head(args, embed_dim))
+    teacher = MultiCropWrapper(teacher_backbone, build_head(args, embed_dim),
+                               build_ibot_head(args, embed_dim))
     student, teacher = student.to(device), teacher.to(device)
     if args.use_bn_in_head and env.distributed:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -211,11 +215,21 @@ def train_dino(args: argparse.Namespace) -> dict:
     say(f"model: {args.arch} depth {len(student_backbone.blocks)}, width {embed_dim}, patch "
         f"{args.patch_size} at {args.image_size} px, {n_params / 1e6:.2f} M backbone parameters; "
         f"head out_dim {args.out_dim}")
+    say(f"recipe: {args.centering} teacher"
+        + (f", iBOT x {args.ibot_loss_weight:g} ("
+           + (f"separate head, {args.ibot_out_dim} prototypes" if args.ibot_separate_head
+              else "shared head") + f", masks on {args.mask_sample_probability:g} of the global "
+           f"crops, {args.mask_ratio_min_max[0]:g}-{args.mask_ratio_min_max[1]:g} of their "
+           f"patches)" if args.ibot_loss_weight else "")
+        + (f", KoLeo x {args.koleo_loss_weight:g}" if args.koleo_loss_weight else ""))
 
     # ============ preparing loss ... ============
-    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs,
-                         backend=args.backend).to(device)
+    loss_fn = TrainingLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                           args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs,
+                           centering=args.centering, ibot_loss_weight=args.ibot_loss_weight,
+                           ibot_out_dim=args.ibot_out_dim or None,
+                           koleo_loss_weight=args.koleo_loss_weight,
+                           backend=args.backend).to(device)
 
     # ============ preparing optimizer ... ============
     optimizer = build_optimizer(args.optimizer, get_params_groups(student))
@@ -237,12 +251,12 @@ def train_dino(args: argparse.Namespace) -> dict:
         ckpt = load_checkpoint(resume_path(args))
         check_resume_compatible(ckpt, args, needs_scaler=scaler is not None)
         start_epoch = restore_training_state(ckpt, student=student, teacher=teacher,
-                                             optimizer=optimizer, dino_loss=dino_loss,
-                                             scaler=scaler)
+                                             optimizer=optimizer, dino_loss=loss_fn.dino,
+                                             scaler=scaler, ibot_loss=loss_fn.ibot)
         say(f"resumed from {resume_path(args)} at epoch {start_epoch}")
     log.keep_epochs_before(start_epoch)  # the log of the epochs the checkpoint holds
     state = TrainingState(args=args, env=env, student=student, teacher=teacher,
-                          teacher_ema=teacher_ema, dino_loss=dino_loss, optimizer=optimizer,
+                          teacher_ema=teacher_ema, loss=loss_fn, optimizer=optimizer,
                           scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
                           amp_dtype=amp_dtype, guard=NonFiniteGuard(device), log=log)
 
@@ -266,16 +280,19 @@ def train_dino(args: argparse.Namespace) -> dict:
         # ============ training one epoch of DINO ... ============
         crops_of = make_crops_fn(batch_augmentation,
                                  derive_seed(args.seed, env.rank, epoch, stream=1), device)
-        stats = train_one_epoch(state, data_loader, crops_of, epoch)
+        masks_of = make_masks_fn(args, derive_seed(args.seed, env.rank, epoch, stream=2), device)
+        stats = train_one_epoch(state, data_loader, crops_of, epoch, masks_of)
 
         # ============ writing logs, checkpoints, evaluation ... ============
         epoch_times.append(time.perf_counter() - epoch_start)
         log.write(type="epoch", epoch=epoch, **stats, time_s=epoch_times[-1])
-        say(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f}, teacher entropy "
+        terms = "".join(f", {name} {stats[name]:.4f}" for name in stats["terms"]) \
+            if len(stats["terms"]) > 1 else ""
+        say(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.4f}{terms}, teacher entropy "
             f"{stats['teacher_entropy']:.3f} (batch mean {stats['marginal_entropy']:.3f}), "
             f"{stats['images_per_s']:.0f} img/s, {epoch_times[-1]:.0f} s")
         # the loss starts near ln(out_dim): judge it from the second epoch on
-        warning = collapse_warning(stats["loss"], stats["teacher_entropy"],
+        warning = collapse_warning(stats["dino_loss"], stats["teacher_entropy"],
                                    stats["marginal_entropy"], args.out_dim,
                                    check_uniform=epoch > 0)
         if warning and main_process:
@@ -324,41 +341,60 @@ def make_crops_fn(batch_augmentation: Optional[BatchedDataAugmentationDINO], see
     return lambda images: batch_augmentation(images.to(device, non_blocking=True), generator)
 
 
+def make_masks_fn(args: argparse.Namespace, seed: int, device: torch.device
+                  ) -> Optional[Callable[[int], MaskBatch]]:
+    """n_images -> the MaskBatch of a step's global crops (DINOv2's block masks, on `device`),
+    from a random stream seeded once per epoch (so --resume is exact); None without iBOT."""
+    if not args.ibot_loss_weight:
+        return None
+    grid = args.image_size // args.patch_size
+    generator = BlockMaskGenerator((grid, grid))
+    rng = random.Random(seed)
+    return lambda n_images: sample_masks(n_images, (grid, grid), args.mask_ratio_min_max,
+                                         args.mask_sample_probability, rng, generator
+                                         ).to(device, non_blocking=True)
+
+
 def train_one_epoch(state: TrainingState, data_loader: DataLoader, crops_of: Callable,
-                    epoch: int) -> dict:
-    """One epoch of DINO: per step the schedules, the teacher and student forward passes, the
-    loss, the student update and the teacher EMA.
+                    epoch: int, masks_of: Optional[Callable[[int], MaskBatch]] = None) -> dict:
+    """One epoch of DINO (or DINOv2): per step the schedules, the teacher and student forward
+    passes, the loss, the student update and the teacher EMA.
 
     Args:
         state: the run's models, loss, optimizer, schedules and log.
         data_loader: batches of (images, labels); `crops_of(images)` turns the images into the
             list of crop batches (global crops first).
         epoch: the epoch index (the global iteration is len(data_loader) * epoch + step).
+        masks_of: with iBOT, n_images -> the masks of the step's 2 x B global crops.
 
     Returns:
-        The epoch's figures: mean loss over all ranks, mean teacher entropies (per image and of
-        the batch mean), images/s, and the backends that ran the loss and the EMA.
+        The epoch's figures: mean loss and mean of each term over all ranks ("terms" names
+        them), mean teacher entropies (per image and of the batch mean), images/s, and the
+        backends that ran the loss and the EMA.
     """
     args, env, log = state.args, state.env, state.log
-    student, teacher, dino_loss = state.student, state.teacher, state.dino_loss
+    student, teacher, loss_fn = state.student, state.teacher, state.loss
     optimizer, scaler, guard = state.optimizer, state.scaler, state.guard
     device, amp_dtype = env.device, state.amp_dtype
     bar = ProgressBar(len(data_loader), desc=f"epoch {epoch + 1}/{args.epochs}",
                       enabled=env.is_main and sys.stdout.isatty())
     loss_sum = torch.zeros((), device=device)
+    term_sums: dict = {}
     entropies, shown = [], {}
     images_seen, start = 0, time.perf_counter()
     for step, (images, _) in enumerate(data_loader):
         it = len(data_loader) * epoch + step  # global training iteration
         apply_schedules(optimizer, state.lr_schedule[it], state.wd_schedule[it])
         images = crops_of(images)
+        masks = masks_of(2 * images[0].shape[0]) if masks_of is not None else None
+        mask = masks.masks if masks is not None else None
 
-        # teacher and student forward passes + compute dino loss
+        # teacher and student forward passes + compute the loss
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            with torch.no_grad():
-                teacher_output = teacher(images[:2])  # only the 2 global views pass the teacher
-            student_output = student(images)
-            loss = dino_loss(student_output, teacher_output, epoch)
+            with torch.no_grad():  # only the 2 global views pass the teacher, unmasked
+                teacher_output = teacher(images[:2], patch_select=mask, structured=True)
+            student_output = student(images, masks=mask, structured=True)
+            loss, terms = loss_fn(student_output, teacher_output, epoch, masks)
         guard.record(loss, it)
 
         # student update
@@ -383,13 +419,17 @@ def train_one_epoch(state: TrainingState, data_loader: DataLoader, crops_of: Cal
 
         # logging (the only host syncs of the step, every --log_freq steps)
         loss_sum += loss.detach()
+        for name, value in terms.items():
+            term_sums[name] = term_sums.get(name, 0) + value
         images_seen += images[0].shape[0] * env.world_size
         if step % args.log_freq == 0 or step + 1 == len(data_loader):
             guard.check()
-            teacher_temp = float(dino_loss.teacher_temp_schedule[epoch])
-            h, h_mean = teacher_entropies(teacher_output, dino_loss.center, teacher_temp)
+            teacher_temp = loss_fn.teacher_temp(epoch)
+            h, h_mean = teacher_entropies(teacher_output.logits, loss_fn.last_center,
+                                          teacher_temp)
             entropies.append((h, h_mean))
-            shown = {"loss": loss.item(), "lr": float(state.lr_schedule[it]),
+            shown = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+                     "lr": float(state.lr_schedule[it]),
                      "wd": float(state.wd_schedule[it]), "momentum": momentum,
                      "teacher_temp": teacher_temp}
             log.write(type="step", epoch=epoch, it=it, **shown, teacher_entropy=h,
@@ -402,10 +442,13 @@ def train_one_epoch(state: TrainingState, data_loader: DataLoader, crops_of: Cal
     guard.check()
     seconds = time.perf_counter() - start
     mean_loss = distributed.all_reduce_mean(loss_sum.item() / len(data_loader), device)
-    return {"it": len(data_loader) * (epoch + 1) - 1, "loss": mean_loss,
+    means = {name: distributed.all_reduce_mean(float(total) / len(data_loader), device)
+             for name, total in term_sums.items()}
+    return {"it": len(data_loader) * (epoch + 1) - 1, "loss": mean_loss, **means,
+            "terms": list(means),
             "teacher_entropy": float(np.mean([e[0] for e in entropies])),
             "marginal_entropy": float(np.mean([e[1] for e in entropies])),
-            "images_per_s": images_seen / seconds, "loss_backend": dino_loss.last_backend,
+            "images_per_s": images_seen / seconds, "loss_backend": loss_fn.last_backend,
             "ema_backend": state.teacher_ema.last_backend}
 
 
@@ -429,9 +472,10 @@ def evaluate_knn(state: TrainingState, knn_train, knn_test, epochs_trained: int,
 
 def save_checkpoint(state: TrainingState, epoch: int, output_dir: Path) -> None:
     """checkpoint.pth after epoch `epoch`, and a kept copy every --saveckp_freq epochs."""
+    state.loss.synchronize()  # pending center updates applied: the saved centers are exact
     ckpt = training_state(epoch=epoch + 1, student=state.student, teacher=state.teacher,
-                          optimizer=state.optimizer, dino_loss=state.dino_loss,
-                          scaler=state.scaler, args=vars(state.args))
+                          optimizer=state.optimizer, dino_loss=state.loss.dino,
+                          scaler=state.scaler, args=vars(state.args), ibot_loss=state.loss.ibot)
     atomic_torch_save(ckpt, output_dir / "checkpoint.pth")
     freq = state.args.saveckp_freq
     if freq and (epoch + 1) % freq == 0:

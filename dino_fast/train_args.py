@@ -20,6 +20,7 @@ from dino_fast.augmentation import check_crop_scale, check_crop_size
 from dino_fast.backend import interpreter_enabled, triton_available
 from dino_fast.checks import check_int, check_positive, check_unit_interval
 from dino_fast.data import build_dataset, eval_split
+from dino_fast.masking import check_mask_ratio
 from dino_fast.models import VIT_ARCHS, check_vit_args
 from dino_fast.optim import OPTIMIZERS
 
@@ -33,9 +34,20 @@ DATASET_DEFAULTS = {
 }
 
 # Arguments that fix the shapes of the saved networks: a checkpoint resumes only with the same.
+# (use_mask_token and ibot_separate_head are derived by validate_args from the iBOT flags.)
 MODEL_ARGS = ("arch", "patch_size", "depth", "embed_dim", "num_heads", "image_size", "out_dim",
               "head_hidden_dim", "head_bottleneck_dim", "use_bn_in_head", "norm_last_layer",
-              "local_crops_number")
+              "local_crops_number", "use_mask_token", "ibot_separate_head", "ibot_out_dim")
+
+# The loss flags each --recipe sets (explicit flags win): the official DINO script's objective,
+# and DINOv2's (its ViT-L/g training configs: Sinkhorn-Knopp centering, iBOT with its own head,
+# KoLeo 0.1; masks on half of the global crops, 10-50 % of their patches).
+RECIPES = {
+    "dino": {"centering": "centering", "ibot_loss_weight": 0.0, "ibot_separate_head": False,
+             "koleo_loss_weight": 0.0},
+    "dinov2": {"centering": "sinkhorn_knopp", "ibot_loss_weight": 1.0,
+               "ibot_separate_head": True, "koleo_loss_weight": 0.1},
+}
 
 
 # how check_vit_args names build_vit's arguments in the messages
@@ -157,6 +169,36 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="adamw is recommended for ViTs; sgd with momentum or lars for convnets")
 
+    # * DINOv2 recipe (DINOv2's config names)
+    p = parser.add_argument_group("DINOv2 recipe: iBOT, KoLeo, Sinkhorn-Knopp")
+    p.add_argument("--recipe", default="dino", choices=sorted(RECIPES),
+                   help="preset of the loss flags below: 'dino' (the official DINO objective: "
+                        "softmax centering, no iBOT, no KoLeo) or 'dinov2' (Sinkhorn-Knopp "
+                        "centering, iBOT loss 1.0 with a separate head, KoLeo 0.1). Explicit "
+                        "flags override the preset.")
+    p.add_argument("--centering", default=None, choices=("centering", "sinkhorn_knopp"),
+                   help="the teachers' normalisation: an EMA center subtracted before the "
+                        "softmax (DINO), or the Sinkhorn-Knopp teacher over the batch (DINOv2). "
+                        "Default: the recipe's")
+    p.add_argument("--ibot_loss_weight", default=None, type=float,
+                   help="weight of the iBOT masked-patch loss (0: none): the student sees "
+                        "masked global crops (a learnable mask token replaces the masked "
+                        "patches) and predicts the teacher's patch tokens there. Default: the "
+                        "recipe's (dinov2: 1.0)")
+    p.add_argument("--ibot_separate_head", default=None, type=bool_flag,
+                   help="give the patch tokens their own head (with --ibot_out_dim "
+                        "prototypes) instead of sharing the DINO head. Default: the recipe's "
+                        "(dinov2: true)")
+    p.add_argument("--ibot_out_dim", default=None, type=int,
+                   help="prototypes of the separate iBOT head (default: --out_dim)")
+    p.add_argument("--mask_ratio_min_max", default=(0.1, 0.5), type=float, nargs=2,
+                   help="range of the fraction of a masked crop's patches that are masked")
+    p.add_argument("--mask_sample_probability", default=0.5, type=float,
+                   help="fraction of the global crops that are masked")
+    p.add_argument("--koleo_loss_weight", default=None, type=float,
+                   help="weight of the KoLeo regulariser on the student's CLS features of each "
+                        "global crop (0: none; DINOv2: 0.1). Default: the recipe's")
+
     # * Multi-crop parameters
     p = parser.add_argument_group("multi-crop augmentation")
     p.add_argument("--global_crops_scale", default=(0.4, 1.0), type=float, nargs=2,
@@ -272,6 +314,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                            names={**_VIT_FLAGS, "img_size": f"--{name}"})
     except (TypeError, ValueError) as exc:
         fail(str(exc))
+    check_recipe_args(args, fail)
     # flags that only the command line combines
     if args.warmup_epochs > args.epochs:
         fail(f"--warmup_epochs ({args.warmup_epochs}) cannot exceed --epochs ({args.epochs})")
@@ -312,6 +355,52 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
              f"or choose another --output_dir")
 
 
+def check_recipe_args(args, fail) -> None:
+    """Fill the --recipe preset into the loss flags left unset, check them and derive
+    use_mask_token (the ViT gets a mask token when iBOT is on)."""
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("ibot_loss_weight", "koleo_loss_weight"):
+        value = getattr(args, name)
+        if not value >= 0 or value == float("inf"):
+            fail(f"--{name} must be a finite number >= 0, got {value}")
+    try:
+        args.mask_ratio_min_max = check_mask_ratio(args.mask_ratio_min_max, "--mask_ratio_min_max")
+        check_unit_interval(args.mask_sample_probability, "--mask_sample_probability")
+        if args.ibot_out_dim is not None:
+            check_int(args.ibot_out_dim, "--ibot_out_dim", 1)
+    except (TypeError, ValueError) as exc:
+        fail(str(exc))
+    ibot = args.ibot_loss_weight > 0
+    if ibot:
+        masked = int(2 * args.batch_size_per_gpu * args.mask_sample_probability)
+        if args.mask_ratio_min_max[1] == 0 or masked == 0:
+            fail(f"--ibot_loss_weight {args.ibot_loss_weight:g} needs masked patches, but "
+                 f"--mask_ratio_min_max {args.mask_ratio_min_max[0]:g} "
+                 f"{args.mask_ratio_min_max[1]:g} with --mask_sample_probability "
+                 f"{args.mask_sample_probability:g} masks {0 if masked == 0 else 'no patch'} of "
+                 f"the {2 * args.batch_size_per_gpu} global crops: raise them, or set "
+                 f"--ibot_loss_weight 0")
+        grid = args.image_size // args.patch_size
+        if grid < 2:
+            fail(f"--ibot_loss_weight needs patch tokens to mask: --image_size "
+                 f"{args.image_size} / --patch_size {args.patch_size} gives a {grid}x{grid} "
+                 f"grid (at least 2x2 needed)")
+        if args.ibot_out_dim is not None and not args.ibot_separate_head and \
+                args.ibot_out_dim != args.out_dim:
+            fail(f"--ibot_out_dim {args.ibot_out_dim} needs --ibot_separate_head true (the "
+                 f"shared head has --out_dim {args.out_dim} prototypes)")
+    if args.koleo_loss_weight > 0 and args.batch_size_per_gpu < 2:
+        fail("--koleo_loss_weight needs --batch_size_per_gpu >= 2 (each image's nearest "
+             "neighbour among the others)")
+    # what the networks are built with (in MODEL_ARGS: a checkpoint resumes only with the same)
+    args.use_mask_token = ibot
+    args.ibot_separate_head = bool(ibot and args.ibot_separate_head)
+    args.ibot_out_dim = (args.ibot_out_dim or args.out_dim) if args.ibot_separate_head \
+        else (args.out_dim if ibot else 0)
+
+
 def check_data_path(args, fail) -> None:
     """Open the training and test splits once (file listing only) so that a wrong path fails now;
     for --augmentation batched, check that a sample of training images share one size."""
@@ -347,7 +436,8 @@ def check_resume_compatible(ckpt: dict, args, needs_scaler: bool) -> None:
     """The networks of a checkpoint must have the shapes this run builds, and an fp16 run needs
     the gradient scaler's state."""
     saved = ckpt["args"]
-    diff = [f"--{k} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r} (now)"
+    flag = {"use_mask_token": "mask token (--ibot_loss_weight > 0)"}
+    diff = [f"{flag.get(k, '--' + k)} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r} (now)"
             for k in MODEL_ARGS if k in saved and _norm(saved[k]) != _norm(getattr(args, k))]
     if diff:
         raise SystemExit("error: --resume: the checkpoint was trained with other model settings: "

@@ -34,7 +34,14 @@ def plot_training_curves(records: Sequence[dict], path) -> None:
     if epochs:
         ax_loss.plot([r["it"] for r in epochs], [r["loss"] for r in epochs], "o-",
                      label="epoch mean")
-    ax_loss.set(xlabel="iteration", ylabel="DINO loss", title="training loss")
+    terms = [t for t in ("dino_loss", "ibot_loss", "koleo_loss") if any(t in r for r in steps)]
+    if len(terms) > 1:  # the DINOv2 recipe: each term of the loss, unweighted
+        for term in terms:
+            logged = [r for r in steps if term in r]
+            ax_loss.plot([r["it"] for r in logged], [r[term] for r in logged], lw=0.8,
+                         label=term.replace("_loss", ""))
+    ax_loss.set(xlabel="iteration", ylabel="loss" if len(terms) > 1 else "DINO loss",
+                title="training loss")
     ax_loss.grid(alpha=0.3)
     if steps or epochs:
         ax_loss.legend()

@@ -15,9 +15,9 @@ from PIL import Image
 
 from dino_fast import knn, train, train_args
 from dino_fast.checkpoint import load_checkpoint
-from dino_fast.loss import DINOLoss
 from dino_fast.monitor import NonFiniteGuard, NonFiniteLoss, collapse_warning
 from dino_fast.progress import ProgressBar
+from dino_fast.training_loss import TrainingLoss
 
 # 32 images / batch 8 = 4 steps per epoch; a 1-block, 32-wide ViT on 16 px crops
 TINY = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_heads", "2",
@@ -42,8 +42,8 @@ def read_log(output_dir):
 def state_tensors(ckpt):
     """Every tensor of a checkpoint that training changes, by a flat name."""
     out = {}
-    for part in ("student", "teacher", "dino_loss"):
-        out.update({f"{part}.{k}": v for k, v in ckpt[part].items()})
+    for part in ("student", "teacher", "dino_loss", "ibot_loss"):
+        out.update({f"{part}.{k}": v for k, v in (ckpt.get(part) or {}).items()})
     for pid, state in ckpt["optimizer"]["state"].items():
         out.update({f"optimizer.{pid}.{k}": v for k, v in state.items()})
     return out
@@ -134,17 +134,17 @@ def test_resume_with_other_model_settings_is_refused(tiny_run, tmp_path):
         run(tmp_path, "--resume", "--out_dim", "32")
 
 
-class _DivergingLoss(DINOLoss):
+class _DivergingLoss(TrainingLoss):
     """The real loss, made NaN from the second epoch on (what a too-high lr ends in)."""
 
-    def forward(self, student_output, teacher_output, epoch):
-        loss = super().forward(student_output, teacher_output, epoch)
-        return loss * float("nan") if epoch >= 1 else loss
+    def forward(self, student, teacher, epoch, masks=None):
+        loss, terms = super().forward(student, teacher, epoch, masks)
+        return (loss * float("nan") if epoch >= 1 else loss), terms
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "DINOLoss", _DivergingLoss)
+    monkeypatch.setattr(train, "TrainingLoss", _DivergingLoss)
     with pytest.raises(SystemExit) as exc:
         run(tmp_path, "--knn_before", "false", "--attention_images", "0")
     assert exc.value.code == 1
