@@ -8,8 +8,13 @@ x 256 patches with about 0.3 of them masked (~4,900 rows) at K = 65536, fp32 and
   probabilities in the inputs' dtype, then the autograd backward; dino_fast makes one pass with
   the gradient written in the forward. `bytes_moved` = |S| + |T| + |dS|.
 - SK (3 iterations): the official code's exp and 17 normalisations of (M, K) tensors against
-  dino_fast's log-domain scale vector and one softmax; `bytes_moved` = |X| + |Q| (read the
-  logits, write the probabilities).
+  dino_fast's log-domain scale vector and one softmax (eager: one (M, K) fp32 workspace;
+  Triton, CUDA only: passes over X, no (M, K) temporary); `bytes_moved` = |X| + |Q| (read the
+  logits, write the probabilities), the roofline's bytes.
+- SK center (3 iterations), what the losses that take a center consume: `bytes_moved` = |X|
+  (read the logits once).
+  The Triton path reads X 2n - 1 = 5 times for the scale vector, and twice more for Q: that
+  traffic is recorded as `kernel_bytes` (against the roofline's single read).
 Each benchmark first checks its result against the official one in fp32/fp64.
 
     .venv/bin/python -m pytest benchmarks/test_bench_dinov2.py --benchmark-only
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 
 from benchmarks.roofline import peak_memory, record, synchronized
 from dino_fast.dinov2 import iBOTPatchLoss
-from dino_fast.sinkhorn import sinkhorn_knopp_probs
+from dino_fast.sinkhorn import sinkhorn_knopp_center, sinkhorn_knopp_probs
 
 _path = Path(__file__).resolve().parents[1] / "tests" / "dinov_reference.py"
 _spec = importlib.util.spec_from_file_location("dino_fast_dinov_reference", _path)
@@ -111,26 +116,64 @@ def test_ibot_dino_fast_triton(benchmark, problem):
     _bench_ibot(benchmark, problem, "dino_fast Triton (fused)", _ibot_dino_fast("triton"))
 
 
-def _bench_sk(benchmark, p, path, fn):
+SK_ITERATIONS, SK_TEMP = 3, 0.07
+
+
+def _bench_sk(benchmark, p, path, fn, *, center=False, kernel_passes=None):
+    """fn(x) returns the probabilities Q, or the center c when `center`; kernel_passes: the
+    reads of X the path makes (recorded as kernel_bytes with Q's write)."""
     x = p["teacher_logits"]
-    q = fn(x)
-    expected = ref.official_sinkhorn_knopp(x.double(), 0.07)
+    out = fn(x)
+    q = torch.softmax((x.float() - out) / SK_TEMP, dim=-1) if center else out
+    expected = ref.official_sinkhorn_knopp(x.double(), SK_TEMP, SK_ITERATIONS)
     assert ref.rel_rms(q.double(), expected) <= (1e-4 if p["dtype"] == torch.float32 else 2e-2)
+    del q, out, expected
     step = synchronized(lambda: fn(x), p["device"])
     peak = peak_memory(step, p["device"])
-    benchmark.group = (f"Sinkhorn-Knopp 3 iterations M={p['M']} K={p['K']} "
+    what = "Sinkhorn-Knopp center" if center else "Sinkhorn-Knopp"
+    benchmark.group = (f"{what} {SK_ITERATIONS} iterations M={p['M']} K={p['K']} "
                        f"{str(p['dtype']).removeprefix('torch.')}, {p['device'].type}")
     benchmark.pedantic(step, rounds=ROUNDS[p["device"].type], warmup_rounds=1, iterations=1)
     size = x.numel() * x.element_size()
-    record(benchmark, path=path, device=p["device"], bytes_moved=size + x.numel() * 4,
-           peak_bytes=peak)
+    written = 0 if center else x.numel() * 4
+    extra = {} if kernel_passes is None else {"kernel_bytes": kernel_passes * size + written}
+    record(benchmark, path=path, device=p["device"], bytes_moved=size + written,
+           peak_bytes=peak, **extra)
+
+
+def _needs_cuda(p, what):
+    if p["device"].type != "cuda":
+        pytest.skip(f"the Triton {what} is timed on CUDA only")
 
 
 def test_sinkhorn_official(benchmark, problem):
     _bench_sk(benchmark, problem, "official formulation",
-              lambda x: ref.official_sinkhorn_knopp(x.float(), 0.07))
+              lambda x: ref.official_sinkhorn_knopp(x.float(), SK_TEMP, SK_ITERATIONS))
 
 
 def test_sinkhorn_dino_fast(benchmark, problem):
     _bench_sk(benchmark, problem, "dino_fast (log domain)",
-              lambda x: sinkhorn_knopp_probs(x, 0.07))
+              lambda x: sinkhorn_knopp_probs(x, SK_TEMP, SK_ITERATIONS, backend="eager"))
+
+
+@gpu
+def test_sinkhorn_dino_fast_triton(benchmark, problem):
+    _needs_cuda(problem, "Sinkhorn-Knopp")
+    # 2n - 1 passes for the scale vector, then Q's row pass sweeps its rows twice
+    _bench_sk(benchmark, problem, "dino_fast Triton (fused)",
+              lambda x: sinkhorn_knopp_probs(x, SK_TEMP, SK_ITERATIONS, backend="triton"),
+              kernel_passes=2 * SK_ITERATIONS + 1)
+
+
+def test_sinkhorn_center_dino_fast(benchmark, problem):
+    _bench_sk(benchmark, problem, "dino_fast (log domain)",
+              lambda x: sinkhorn_knopp_center(x, SK_TEMP, SK_ITERATIONS, backend="eager"),
+              center=True)
+
+
+@gpu
+def test_sinkhorn_center_dino_fast_triton(benchmark, problem):
+    _needs_cuda(problem, "Sinkhorn-Knopp")
+    _bench_sk(benchmark, problem, "dino_fast Triton (fused)",
+              lambda x: sinkhorn_knopp_center(x, SK_TEMP, SK_ITERATIONS, backend="triton"),
+              center=True, kernel_passes=2 * SK_ITERATIONS - 1)

@@ -23,7 +23,9 @@ official classes. Differences, all on inputs the official classes get wrong or r
 The cross-entropies go through `soft_cross_entropy` (one call per forward, every student crop
 against every teacher crop, with pair and row weights), whose `backend` ("auto" | "triton" |
 "eager", keyword-only in every constructor) picks the fused kernel or the eager path; the one
-that ran is in `last_backend`. The Sinkhorn-Knopp step and KoLeo are eager.
+that ran is in `last_backend`. The same `backend` picks the Sinkhorn-Knopp step's path
+(dino_fast.sinkhorn: fused on CUDA, no (rows, K) temporary), recorded in
+`last_sinkhorn_backend`. KoLeo is eager.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from torch import nn
 from dino_fast.backend import check_backend_name
 from dino_fast.checks import check_floating_tensor, check_int, check_positive, check_unit_interval
 from dino_fast.cross_entropy import select_backend, soft_cross_entropy
-from dino_fast.sinkhorn import check_sinkhorn_inputs, sinkhorn_knopp_probs
+from dino_fast.sinkhorn import check_sinkhorn_inputs, select_sinkhorn_backend, sinkhorn_knopp_probs
 
 # ------------------------------------------------------------------------------------ checks
 
@@ -199,6 +201,7 @@ class AsyncCenterLoss(nn.Module):
         self.backend = check_backend_name(backend)
         self.process_group = process_group
         self.last_backend: Optional[str] = None
+        self.last_sinkhorn_backend: Optional[str] = None
         self.register_buffer("center", torch.full(center_shape, center_init))
         self.updated = True
         self.reduce_handle = None
@@ -262,7 +265,8 @@ class DINOLoss(AsyncCenterLoss):
     - `softmax_center_teacher(teacher_output, teacher_temp)`: applies the pending center update,
       returns softmax((teacher_output - center) / teacher_temp), fp32.
     - `sinkhorn_knopp_teacher(teacher_output (N, K), teacher_temp, n_iterations=3)`: the SK
-      teacher probabilities (N, K) fp32, balanced over every rank of the process group.
+      teacher probabilities (N, K) fp32, balanced over every rank of the process group; the
+      path (`backend`: the fused kernels on CUDA) is recorded in `last_sinkhorn_backend`.
     - `forward(student_output_list, teacher_out_softmaxed_centered_list)`: with lists of equal
       shapes (..., K), -sum over every (student, teacher) pair of the mean over rows of
       sum_k t_k log_softmax(s / student_temp)_k; an fp32 scalar. Either list may be a tensor whose
@@ -296,8 +300,12 @@ class DINOLoss(AsyncCenterLoss):
                                n_iterations: int = 3) -> torch.Tensor:
         check_logits(teacher_output, "teacher_output", self.out_dim, 2, teacher_output.device,
                      "teacher_output")
-        return sinkhorn_knopp_probs(teacher_output, teacher_temp, n_iterations,
-                                    process_group=self.process_group)
+        check_sinkhorn_inputs(teacher_output, teacher_temp, n_iterations)
+        backend = select_sinkhorn_backend(self.backend, teacher_output, type(self).__name__)
+        q = sinkhorn_knopp_probs(teacher_output, teacher_temp, n_iterations,
+                                 process_group=self.process_group, backend=backend)
+        self.last_sinkhorn_backend = backend
+        return q
 
     def forward(self, student_output_list, teacher_out_softmaxed_centered_list) -> torch.Tensor:
         student, n_s = _stack_crops(student_output_list, "student_output_list", self.out_dim,
@@ -413,8 +421,10 @@ class iBOTPatchLoss(AsyncCenterLoss):  # noqa: N801  (the official name)
     def sinkhorn_knopp_teacher(self, teacher_output: torch.Tensor, teacher_temp: float,
                                n_masked_patches_tensor: torch.Tensor,
                                n_iterations: int = 3) -> torch.Tensor:
-        return ibot_sinkhorn_knopp(teacher_output, teacher_temp, n_masked_patches_tensor,
-                                   n_iterations, self.out_dim, self.process_group)
+        q, self.last_sinkhorn_backend = ibot_sinkhorn_knopp(
+            teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations, self.out_dim,
+            self.process_group, self.backend, type(self).__name__)
+        return q
 
     def forward(self, student_patch_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor,
                 student_masks_flat: torch.Tensor) -> torch.Tensor:
@@ -523,8 +533,10 @@ def default_masks_weight(student_masks_flat: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ibot_sinkhorn_knopp(teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations,
-                        out_dim: int, process_group) -> torch.Tensor:
-    """The iBOT SK teacher of DINOv2 and DINOv3 (see iBOTPatchLoss.sinkhorn_knopp_teacher)."""
+                        out_dim: int, process_group, backend: str = "auto",
+                        op: str = "iBOTPatchLoss") -> tuple[torch.Tensor, str]:
+    """The iBOT SK teacher of DINOv2 and DINOv3 (see iBOTPatchLoss.sinkhorn_knopp_teacher) and
+    the backend that computed it."""
     check_logits(teacher_output, "teacher_output", out_dim, 2, teacher_output.device,
                  "teacher_output", "patch_out_dim")
     if not isinstance(n_masked_patches_tensor, torch.Tensor) or \
@@ -535,10 +547,11 @@ def ibot_sinkhorn_knopp(teacher_output, teacher_temp, n_masked_patches_tensor, n
                            if isinstance(n_masked_patches_tensor, torch.Tensor)
                            else type(n_masked_patches_tensor).__name__))
     check_sinkhorn_inputs(teacher_output, teacher_temp, n_iterations)
+    backend = select_sinkhorn_backend(backend, teacher_output, op)
     if _process_group_active():  # the official side effect: the caller's tensor becomes the total
         dist.all_reduce(n_masked_patches_tensor, group=process_group)
     return sinkhorn_knopp_probs(teacher_output, teacher_temp, n_iterations,
-                                process_group=process_group)
+                                process_group=process_group, backend=backend), backend
 
 
 class KoLeoLoss(nn.Module):

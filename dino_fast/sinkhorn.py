@@ -23,6 +23,12 @@ Computing u (a = X / tau, fp32):
 When a process group is initialised: one MAX all-reduce of K floats (the column maxima) and one
 SUM all-reduce of K floats per iteration, as many collectives as the official code (its total
 and one column sum per iteration); none without a process group.
+
+Backends (`backend="auto" | "triton" | "eager"`, see dino_fast.backend; "auto" is Triton on
+CUDA): both run the same iterations and collectives (`sinkhorn_log_scale`) on their own steps.
+The eager steps hold a and one (n, K) fp32 workspace; the Triton steps
+(dino_fast/kernels/sinkhorn.py) read X in place, 2n - 1 passes for n iterations, and hold O(K +
+N) floats. The probabilities Q are the only (N, K) tensor `sinkhorn_knopp_probs` adds.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dino_fast.backend import check_backend_name, resolve_backend
 from dino_fast.checks import check_floating_tensor, check_int, check_positive
 
 
@@ -63,10 +70,78 @@ def check_sinkhorn_inputs(teacher_output, teacher_temp, n_iterations, n_valid_ro
     return n, teacher_output.shape[1], n_valid_rows
 
 
+def select_sinkhorn_backend(backend: str, teacher_output: torch.Tensor,
+                            op: str = "sinkhorn_knopp") -> str:
+    """"triton" or "eager" for teacher logits on this device (see dino_fast.backend): "auto"
+    is Triton on CUDA, eager elsewhere. Both compute in fp32 whatever the input dtype."""
+    check_backend_name(backend)
+    return resolve_backend(backend, teacher_output.device, op)
+
+
+class _EagerSteps:
+    """The SK steps of `sinkhorn_log_scale` in plain PyTorch, on a = X / tau (n, K) fp32 (owned:
+    overwritten by `probs`), with one (n, K) fp32 workspace besides a."""
+
+    def __init__(self, a: torch.Tensor, n_valid_rows: int):
+        self.a, self.n = a, n_valid_rows
+        self.work = torch.empty_like(a[:n_valid_rows])
+
+    def first_column_step(self):
+        """(col_max, col_sum), col_sum_k = sum_b exp(a_bk - col_max_k) over the n rows."""
+        a = self.a[:self.n]
+        col_max = a.amax(dim=0)
+        return col_max, torch.sub(a, col_max, out=self.work).exp_().sum(dim=0)
+
+    def column_step(self, log_u: torch.Tensor) -> torch.Tensor:
+        """Column sums of the row step P = softmax(a + log u) = E / r, with E = exp(a + log u -
+        row max) and r its row sums: sum_b P_bk = (1 / r) @ E, P never written."""
+        work = torch.add(self.a[:self.n], log_u, out=self.work)
+        work.sub_(work.amax(dim=-1, keepdim=True)).exp_()
+        return torch.mv(work.t(), work.sum(dim=-1).reciprocal_())
+
+    def probs(self, log_u: torch.Tensor) -> torch.Tensor:
+        """softmax(a + log u) over every row of a, in place."""
+        self.work = None
+        a = self.a.add_(log_u)
+        a.sub_(a.amax(dim=-1, keepdim=True)).exp_()
+        return a.div_(a.sum(dim=-1, keepdim=True))
+
+
+def _steps(teacher_output: torch.Tensor, teacher_temp: float, n_valid_rows: int, backend: str,
+           *, all_rows: bool):
+    """The steps of `backend` ("triton" or "eager"); all_rows: the eager a covers every row of
+    teacher_output (for `probs`), not only the n valid ones."""
+    if backend == "triton":
+        # imported on first use: kernel modules must be imported after TRITON_INTERPRET is set
+        from dino_fast.kernels.sinkhorn import TritonSinkhornSteps
+        return TritonSinkhornSteps(teacher_output, teacher_temp, n_valid_rows)
+    rows = teacher_output if all_rows else teacher_output[:n_valid_rows]
+    return _EagerSteps(rows.float() / teacher_temp, n_valid_rows)  # a fresh (rows, K) fp32
+
+
+def sinkhorn_log_scale(steps, n_iterations: int, process_group) -> torch.Tensor:
+    """log u (K,) fp32 after n_iterations, from a backend's steps (`_EagerSteps`,
+    dino_fast.kernels.sinkhorn.TritonSinkhornSteps): the iterations and the collectives, the
+    same for every backend. With a process group: one MAX all-reduce of the K column maxima
+    (each rank's column sums are rescaled to the global maxima before they are summed) and one
+    SUM all-reduce of K floats per iteration."""
+    col_max, col_sum = steps.first_column_step()
+    if _group_active(process_group):
+        global_max = _all_reduce(col_max.clone(), dist.ReduceOp.MAX, process_group)
+        col_sum = _all_reduce(col_sum * torch.exp(col_max - global_max), dist.ReduceOp.SUM,
+                              process_group)
+        col_max = global_max
+    log_u = -(col_max + torch.log(col_sum))
+    for _ in range(n_iterations - 1):
+        p_col_sum = _all_reduce(steps.column_step(log_u), dist.ReduceOp.SUM, process_group)
+        log_u -= torch.log(p_col_sum.clamp_min(torch.finfo(torch.float32).tiny))
+    return log_u
+
+
 @torch.no_grad()
 def sinkhorn_knopp_log_scale(teacher_output: torch.Tensor, teacher_temp: float,
                              n_iterations: int = 3, *, n_valid_rows: Optional[int] = None,
-                             process_group=None) -> torch.Tensor:
+                             process_group=None, backend: str = "auto") -> torch.Tensor:
     """log u of equation (1): a (K,) fp32 vector with softmax(X / tau + log u) = the SK teacher.
 
     teacher_output: (N, K) teacher logits, any floating dtype (computed in fp32).
@@ -74,33 +149,20 @@ def sinkhorn_knopp_log_scale(teacher_output: torch.Tensor, teacher_temp: float,
         a fixed-size buffer of masked patches); the official classes use every row given.
     process_group: the group whose samples are balanced together (default: the default group when
         one is initialised; a single process otherwise).
+    backend: "auto" (Triton on CUDA, eager elsewhere), "triton" (on CPU only under
+        TRITON_INTERPRET=1) or "eager". The Triton path reads the logits 2 * n_iterations - 1
+        times and holds O(K + N) floats; the eager path holds two (n, K) fp32 tensors.
     log u is defined up to an additive constant (it cancels in the softmax).
     """
     _, _, n_valid = check_sinkhorn_inputs(teacher_output, teacher_temp, n_iterations, n_valid_rows)
-    return _log_scale(teacher_output[:n_valid].float() / teacher_temp, n_iterations, process_group)
-
-
-def _log_scale(a: torch.Tensor, n_iterations: int, process_group) -> torch.Tensor:
-    """log u from a = X / tau (n, K) fp32; one (n, K) workspace besides a."""
-    # iteration 1: column log-sum-exp of a, shifted by the column max over all ranks
-    col_max = _all_reduce(a.amax(dim=0), dist.ReduceOp.MAX, process_group)
-    work = torch.sub(a, col_max)
-    col_sum = _all_reduce(work.exp_().sum(dim=0), dist.ReduceOp.SUM, process_group)
-    log_u = -(col_max + torch.log(col_sum))
-    for _ in range(n_iterations - 1):
-        # the row step, P = softmax(a + log u) = E / r with E = exp(a + log u - row max) and r
-        # its row sums, then the column step on P: sum_b P_bk = (1 / r) @ E, P never written
-        torch.add(a, log_u, out=work)
-        work.sub_(work.amax(dim=-1, keepdim=True)).exp_()
-        p_col_sum = _all_reduce(torch.mv(work.t(), work.sum(dim=-1).reciprocal_()),
-                                dist.ReduceOp.SUM, process_group)
-        log_u -= torch.log(p_col_sum.clamp_min(torch.finfo(torch.float32).tiny))
-    return log_u
+    resolved = select_sinkhorn_backend(backend, teacher_output, "sinkhorn_knopp_log_scale")
+    steps = _steps(teacher_output, teacher_temp, n_valid, resolved, all_rows=False)
+    return sinkhorn_log_scale(steps, n_iterations, process_group)
 
 
 def sinkhorn_knopp_center(teacher_output: torch.Tensor, teacher_temp: float,
                           n_iterations: int = 3, *, n_valid_rows: Optional[int] = None,
-                          process_group=None) -> torch.Tensor:
+                          process_group=None, backend: str = "auto") -> torch.Tensor:
     """The SK teacher as a center: c (K,) fp32 with softmax((X - c) / tau) = the SK teacher.
 
     c = -tau * log u (see `sinkhorn_knopp_log_scale`, same arguments). Pass it with the teacher
@@ -114,20 +176,20 @@ def sinkhorn_knopp_center(teacher_output: torch.Tensor, teacher_temp: float,
         True
     """
     log_u = sinkhorn_knopp_log_scale(teacher_output, teacher_temp, n_iterations,
-                                     n_valid_rows=n_valid_rows, process_group=process_group)
+                                     n_valid_rows=n_valid_rows, process_group=process_group,
+                                     backend=backend)
     return log_u.mul_(-float(teacher_temp))
 
 
 @torch.no_grad()
 def sinkhorn_knopp_probs(teacher_output: torch.Tensor, teacher_temp: float,
                          n_iterations: int = 3, *, n_valid_rows: Optional[int] = None,
-                         process_group=None) -> torch.Tensor:
+                         process_group=None, backend: str = "auto") -> torch.Tensor:
     """The SK teacher probabilities Q (N, K) fp32, rows summing to 1: what the official
     `sinkhorn_knopp_teacher` returns where it is finite, and the same formula, finite, where the
-    official exp overflows or underflows. Arguments as `sinkhorn_knopp_log_scale`."""
+    official exp overflows or underflows. Arguments as `sinkhorn_knopp_log_scale`; Q is the
+    only (N, K) tensor the Triton path allocates."""
     _, _, n_valid = check_sinkhorn_inputs(teacher_output, teacher_temp, n_iterations, n_valid_rows)
-    a = teacher_output.float() / teacher_temp  # a fresh (N, K) fp32 tensor: becomes Q
-    log_u = _log_scale(a[:n_valid], n_iterations, process_group)
-    a.add_(log_u)
-    a.sub_(a.amax(dim=-1, keepdim=True)).exp_()
-    return a.div_(a.sum(dim=-1, keepdim=True))
+    resolved = select_sinkhorn_backend(backend, teacher_output, "sinkhorn_knopp_probs")
+    steps = _steps(teacher_output, teacher_temp, n_valid, resolved, all_rows=True)
+    return steps.probs(sinkhorn_log_scale(steps, n_iterations, process_group))
