@@ -26,7 +26,8 @@ TINY = ["--arch", "vit_tiny", "--depth", "1", "--embed_dim", "32", "--num_heads"
         "--batch_size_per_gpu", "8", "--train_samples", "32", "--knn_train_samples", "40",
         "--knn_test_samples", "20", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0",
         "--log_freq", "2", "--attention_images", "2", "--device", "cpu", "--saveckp_freq", "1",
-        "--freeze_last_layer", "1", "--momentum_teacher", "0.996"]
+        "--freeze_last_layer", "1", "--momentum_teacher", "0.996", "--recipe", "dino",
+        "--augmentation", "pil"]
 STEPS_PER_EPOCH = 4
 
 
@@ -377,8 +378,10 @@ def test_defaults_depend_on_the_data_set_and_flags_win(tmp_path):
     parser = train_args.get_args_parser()
     demo = parser.parse_args(["--output_dir", str(tmp_path / "a")])
     train_args.validate_args(demo, parser)
-    assert (demo.embed_dim, demo.num_heads, demo.epochs) == (96, 3, 30)  # the quick CPU demo
+    assert (demo.embed_dim, demo.num_heads, demo.epochs) == (96, 3, 20)  # the quick CPU demo
     assert (demo.train_samples, demo.knn_train_samples, demo.knn_test_samples) == (2000, 2000, 1000)
+    assert (demo.recipe, demo.augmentation, demo.centering, demo.ibot_loss_weight) == \
+        ("dinov2", "batched", "sinkhorn_knopp", 1.0)
     folder = tmp_path / "images" / "cls"
     folder.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(folder / "0.png")
@@ -386,6 +389,8 @@ def test_defaults_depend_on_the_data_set_and_flags_win(tmp_path):
                               "--data_path", str(tmp_path / "images")])
     train_args.validate_args(real, parser)
     assert (real.embed_dim, real.num_heads, real.epochs, real.train_samples) == (0, 0, 10, 0)
+    assert (real.recipe, real.augmentation, real.centering, real.ibot_loss_weight) == \
+        ("dino", "pil", "centering", 0.0)
     chosen = parser.parse_args(["--output_dir", str(tmp_path / "c"), "--embed_dim", "0",
                                 "--num_heads", "0", "--epochs", "5"])
     train_args.validate_args(chosen, parser)
