@@ -259,7 +259,7 @@ class MultiCropOutput(NamedTuple):
 
     logits: (sum_v B, out_dim) head outputs of every crop's CLS token, crop-major.
     global_features: (n_global * B, embed_dim) backbone CLS features of the global crops (the
-        leading crops of the first resolution), e.g. for KoLeo.
+        first n_global crops), e.g. for KoLeo.
     patch_logits: (M, patch_out_dim) head outputs (the iBOT head's, or the shared head's) of the
         M selected patch tokens of the global crops, in the order of `select[select]`; None when
         no patches were selected.
@@ -280,7 +280,7 @@ class MultiCropWrapper(nn.Module):
     crop v: the loss's crop-major layout. A backbone returning a tuple contributes its first item.
 
     forward(crops, masks=..., patch_select=..., structured=True) returns a `MultiCropOutput`.
-    The global crops are the first run of crops of one resolution (n_global * B images):
+    The global crops are the first `n_global` crops (n_global * B images, of one resolution):
     - masks (n_global * B, h*w) bool: their masked patches take the backbone's mask token (the
       student's input in DINOv2); the masked patch tokens are then also the selected ones;
     - patch_select (n_global * B, h*w) bool: which of their patch tokens (unmasked input: the
@@ -347,25 +347,33 @@ class MultiCropWrapper(nn.Module):
 
     def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]],
                 masks: Optional[torch.Tensor] = None, patch_select: Optional[torch.Tensor] = None,
-                structured: bool = False) -> Union[torch.Tensor, MultiCropOutput]:
+                structured: bool = False, n_global: int = 2
+                ) -> Union[torch.Tensor, MultiCropOutput]:
         crops = self._check_crops(x)
         runs = self._runs(crops)
         want_patches = masks is not None or patch_select is not None
         structured = structured or want_patches
         features, patch_tokens = [], None
+        n_images = n_global * crops[0].shape[0]  # the global crops' images
         for i, (start, end) in enumerate(runs):
             batch = crops[start] if end - start == 1 else torch.cat(crops[start:end])
             if i == 0 and want_patches:
-                out, patch_tokens = self.backbone(batch, masks=masks, return_patch_tokens=True)
-            else:
-                out = self.backbone(batch)
+                # the global crops (local crops of the same size, if any, follow in the same
+                # run: they get no mask and give no patch tokens)
+                out, patch_tokens = self.backbone(batch[:n_images], masks=masks,
+                                                  return_patch_tokens=True)
+                features.append(out)
+                if batch.shape[0] == n_images:
+                    continue
+                batch = batch[n_images:]
+            out = self.backbone(batch)
             features.append(out[0] if isinstance(out, tuple) else out)
         cls = features[0] if len(features) == 1 else torch.cat(features)
         if not structured:
             return self.head(cls)
         select = patch_select if patch_select is not None else masks
         if select is None:
-            return MultiCropOutput(self.head(cls), features[0], None)
+            return MultiCropOutput(self.head(cls), cls[:n_images], None)
         if select.dtype != torch.bool or select.shape != patch_tokens.shape[:2]:
             name = "patch_select" if patch_select is not None else "masks"
             raise ValueError(f"{name} must be a bool tensor of shape (images, patches) = "
@@ -374,9 +382,9 @@ class MultiCropWrapper(nn.Module):
         selected = patch_tokens[select]
         ibot_head = getattr(self, "ibot_head", None)
         if ibot_head is not None:
-            return MultiCropOutput(self.head(cls), features[0], ibot_head(selected))
+            return MultiCropOutput(self.head(cls), cls[:n_images], ibot_head(selected))
         both = self.head(torch.cat([cls, selected]))
-        return MultiCropOutput(both[:cls.shape[0]], features[0], both[cls.shape[0]:])
+        return MultiCropOutput(both[:cls.shape[0]], cls[:n_images], both[cls.shape[0]:])
 
 
 def compile_backbone(module: nn.Module, **compile_kwargs) -> nn.Module:

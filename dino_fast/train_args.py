@@ -388,6 +388,9 @@ def check_recipe_args(args, fail) -> None:
                  f"the {2 * args.batch_size_per_gpu} global crops: raise them, or set "
                  f"--ibot_loss_weight 0")
         grid = args.image_size // args.patch_size
+        if int(grid * grid * args.mask_ratio_min_max[1]) == 0 and grid >= 2:
+            fail(f"--mask_ratio_min_max max {args.mask_ratio_min_max[1]:g} masks no patch of the "
+                 f"{grid}x{grid} patch grid: raise it to at least {1 / (grid * grid):.3g}")
         if grid < 2:
             fail(f"--ibot_loss_weight needs patch tokens to mask: --image_size "
                  f"{args.image_size} / --patch_size {args.patch_size} gives a {grid}x{grid} "

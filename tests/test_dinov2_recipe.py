@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_train import TINY, read_log, state_tensors
+from test_train import TINY, assert_rejected_before_any_work, read_log, state_tensors
 
 from dino_fast import knn, train
 from dino_fast.checkpoint import load_checkpoint
@@ -206,6 +206,12 @@ def test_wrapper_sends_the_selected_patch_tokens_through_the_right_head(separate
     assert torch.allclose(net(crops), plain, atol=1e-5)  # the plain call: CLS logits only
     with pytest.raises(ValueError, match="patch_select must be a bool tensor"):
         net(crops[:2], patch_select=masks[:3])
+    # local crops as large as the global ones: one resolution run, masks on the global crops only
+    same = crops[:2] + [torch.randn(2, 3, 16, 16)]
+    out = net(same, masks=masks)
+    cls_local = vit(same[2])
+    assert torch.allclose(out.logits, head(torch.cat([cls_g, cls_local])), atol=1e-5)
+    assert torch.equal(out.global_features, cls_g)
 
 
 # ------------------------------------------------------- the loss against DINOv2's SSLMetaArch
@@ -408,15 +414,11 @@ def test_recipe_presets_and_explicit_flags_win():
     (["--recipe", "dinov2", "--patch_size", "16", "--image_size", "16", "--local_crop_size",
       "16"], "needs patch tokens to mask"),
     (["--koleo_loss_weight", "0.1", "--batch_size_per_gpu", "1"], "--batch_size_per_gpu >= 2"),
+    (["--recipe", "dinov2", "--mask_ratio_min_max", "0", "0.05"], "masks no patch of the 4x4"),
     (["--centering", "sk"], "invalid choice"),
 ])
 def test_bad_recipe_flags_are_rejected_before_any_work(tmp_path, capsys, flags, message):
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exc:
-        run(out, *flags)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()
+    assert_rejected_before_any_work(tmp_path / "out", flags, message, capsys)
 
 
 def test_masks_feed_the_loss_with_dinov2s_weights():

@@ -172,12 +172,16 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     (["--resume"], "no checkpoint at"),
 ])
 def test_bad_flags_are_rejected_before_any_work(tmp_path, capsys, flags, message):
-    out = tmp_path / "out"
+    assert_rejected_before_any_work(tmp_path / "out", flags, message, capsys)
+
+
+def assert_rejected_before_any_work(out, flags, message, capsys):
+    """The run exits with status 2, `message` in stderr, and nothing was started in `out`."""
     with pytest.raises(SystemExit) as exc:
         run(out, *flags)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
-    assert not out.exists()  # nothing was started
+    assert not out.exists()
 
 
 def losses(output_dir):
