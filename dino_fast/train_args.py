@@ -42,6 +42,17 @@ MODEL_ARGS = ("arch", "patch_size", "depth", "embed_dim", "num_heads", "image_si
               "head_hidden_dim", "head_bottleneck_dim", "use_bn_in_head", "norm_last_layer",
               "local_crops_number", "use_mask_token", "ibot_separate_head", "ibot_out_dim")
 
+# What a checkpoint written before a flag existed was trained with (its args lack the key).
+LEGACY_ARGS = {"use_mask_token": False, "ibot_separate_head": False, "ibot_out_dim": 0,
+               "recipe": "dino", "centering": "centering", "ibot_loss_weight": 0.0,
+               "koleo_loss_weight": 0.0, "mask_ratio_min_max": [0.1, 0.5],
+               "mask_sample_probability": 0.5, "augmentation": "pil"}
+
+# The objective's flags: a resume that changes one warns (the run is no longer the
+# uninterrupted one).
+LOSS_ARGS = ("centering", "ibot_loss_weight", "koleo_loss_weight", "mask_ratio_min_max",
+             "mask_sample_probability")
+
 # The loss flags each --recipe sets (explicit flags win): the official DINO script's objective,
 # and DINOv2's (its ViT-L/g training configs: Sinkhorn-Knopp centering, iBOT with its own head,
 # KoLeo 0.1; masks on half of the global crops, 10-50 % of their patches).
@@ -443,19 +454,27 @@ def resume_path(args) -> Path:
 def check_resume_compatible(ckpt: dict, args, needs_scaler: bool) -> None:
     """The networks of a checkpoint must have the shapes this run builds, and an fp16 run needs
     the gradient scaler's state."""
-    saved = ckpt["args"]
+    saved = {**LEGACY_ARGS, **ckpt["args"]}
     flag = {"use_mask_token": "mask token (--ibot_loss_weight > 0)"}
     diff = [f"{flag.get(k, '--' + k)} {saved.get(k)!r} (checkpoint) vs {getattr(args, k)!r} (now)"
             for k in MODEL_ARGS if k in saved and _norm(saved[k]) != _norm(getattr(args, k))]
     if diff:
+        hint = (f" (it was trained with --recipe {saved['recipe']}: pass --recipe "
+                f"{saved['recipe']})" if saved["recipe"] != args.recipe else "")
         raise SystemExit("error: --resume: the checkpoint was trained with other model settings: "
-                         + "; ".join(diff) + ". Pass the checkpoint's values.")
-    if saved.get("augmentation", "pil") != args.augmentation:
+                         + "; ".join(diff) + f". Pass the checkpoint's values{hint}.")
+    if saved["augmentation"] != args.augmentation:
         warnings.warn(f"--resume: the checkpoint was trained with --augmentation "
-                      f"{saved.get('augmentation', 'pil')} and this run uses "
+                      f"{saved['augmentation']} and this run uses "
                       f"{args.augmentation}: training continues, but the crops differ from "
                       f"those the uninterrupted run would have drawn", RuntimeWarning,
                       stacklevel=2)
+    changed = [f"--{k} {_show(saved[k])} (checkpoint) vs {_show(getattr(args, k))} (now)"
+               for k in LOSS_ARGS if _norm(saved[k]) != _norm(getattr(args, k))]
+    if changed:
+        warnings.warn("--resume: the checkpoint was trained with another objective: "
+                      + "; ".join(changed) + ". Training continues with this run's values, so "
+                      "it is not the uninterrupted run", RuntimeWarning, stacklevel=2)
     if needs_scaler and ckpt.get("scaler") is None:
         raise SystemExit(f"error: --resume: this run uses --precision fp16, whose gradient scaler "
                          f"the checkpoint has no state for (it was trained with --precision "
@@ -463,7 +482,12 @@ def check_resume_compatible(ckpt: dict, args, needs_scaler: bool) -> None:
 
 
 def _norm(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
+    return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _show(v) -> str:
+    return " ".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else (
+        f"{v:g}" if isinstance(v, float) else str(v))
 
 
 def train_args_from_checkpoint(ckpt: dict) -> argparse.Namespace:

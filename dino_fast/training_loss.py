@@ -29,6 +29,7 @@ from torch import nn
 from dino_fast.checks import check_positive
 from dino_fast.cross_entropy import select_backend
 from dino_fast.dinov2 import KoLeoLoss, ibot_masked_loss, iBOTPatchLoss
+from dino_fast.distributed import get_world_size
 from dino_fast.loss import N_GLOBAL_CROPS, DINOLoss, dino_loss
 from dino_fast.masking import MaskBatch
 from dino_fast.models import MultiCropOutput
@@ -147,6 +148,8 @@ class TrainingLoss(nn.Module):
     def _ibot(self, student_patches, teacher_patches, masks: MaskBatch, temp) -> torch.Tensor:
         n_images = masks.masks.shape[0]
         if masks.n_masked == 0:  # no masked patch in the batch: a zero term with a graph
+            if get_world_size() > 1:
+                self._join_ibot_collectives(teacher_patches, temp)
             return student_patches.float().sum() * 0.0
         if self.centering == "centering":
             self.ibot.apply_center_update()
@@ -159,6 +162,19 @@ class TrainingLoss(nn.Module):
         if self.centering == "centering":
             self.ibot.update_center(teacher_patches.unsqueeze(0))
         return loss
+
+    @torch.no_grad()
+    def _join_ibot_collectives(self, teacher_patches, temp) -> None:
+        """A rank without masked patches while others have some: it joins the collectives the
+        others make, so none of them waits forever. Sinkhorn-Knopp: the column sums, without
+        rows. Centering: the center all-reduce, with the current center as this rank's batch
+        mean, so its share of the update leaves the center where it is (DINOv2's mean over zero
+        patches would be NaN)."""
+        if self.centering == "centering":
+            self.ibot.apply_center_update()
+            self.ibot.reduce_center_update(self.ibot.center.detach().view(1, 1, -1).clone())
+        else:
+            sinkhorn_knopp_center(teacher_patches, temp)
 
     @torch.no_grad()
     def synchronize(self) -> None:

@@ -5,12 +5,15 @@ import math
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from test_train import TINY, assert_rejected_before_any_work, read_log, state_tensors
 
 from dino_fast import knn, train
@@ -310,6 +313,75 @@ def test_training_loss_without_masked_patches_and_bad_input():
         TrainingLoss(K, 2, 0.04, 0.04, 0, 1, koleo_loss_weight=-1.0)
 
 
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _empty_rank_worker(rank, world, port, centering, result_path):
+    """Rank 0 draws no masked patch, rank 1 some: both must get through two steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        B, K = 2, 16
+        fn = TrainingLoss(K, 2, 0.04, 0.04, 0, 2, centering=centering, ibot_loss_weight=1.0,
+                          backend="eager")
+        if rank == 0:
+            masks = MaskBatch(torch.zeros(2 * B, 16, dtype=torch.bool), torch.zeros(0))
+        else:
+            masks = sample_masks(2 * B, 4, (0.3, 0.5), 1.0, random.Random(0))
+        out = {}
+        for step in range(2):
+            s, t = random_outputs(B, 0, K, 4, masks.n_masked, seed=10 * rank + step)
+            _, terms = fn(MultiCropOutput(**s), MultiCropOutput(**t), 0, masks)
+            out[f"ibot_{step}"] = terms["ibot_loss"]
+            out[f"teacher_{step}"] = t["patch_logits"]
+        fn.synchronize()
+        out["center"] = fn.ibot.center.clone()
+        out["n_masked"] = masks.n_masked
+        torch.save(out, f"{result_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
+def test_a_rank_without_masked_patches_joins_the_collectives(tmp_path, centering):
+    result = str(tmp_path / "out")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_empty_rank_worker,
+                         args=(rank, 2, port, centering, result))
+             for port in [_free_port()] for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    hung = [proc.pid for proc in procs if proc.is_alive()]
+    for proc in procs:
+        proc.kill() if proc.is_alive() else None
+    assert not hung, "a rank waited forever for a collective"
+    assert all(proc.exitcode == 0 for proc in procs)
+    empty, full = torch.load(f"{result}.0"), torch.load(f"{result}.1")
+    assert empty["n_masked"] == 0 and full["n_masked"] > 0
+    assert empty["ibot_0"].item() == 0.0 and empty["ibot_1"].item() == 0.0
+    # both ranks hold the same center; rank 1's loss is the loss on its patches alone
+    assert torch.equal(empty["center"], full["center"])
+    masks = sample_masks(4, 4, (0.3, 0.5), 1.0, random.Random(0))
+    K = 16
+    if centering == "sinkhorn_knopp":  # rank 0 adds nothing to the column sums
+        alone = TrainingLoss(K, 2, 0.04, 0.04, 0, 2, centering=centering, ibot_loss_weight=1.0,
+                             backend="eager")
+        s, t = random_outputs(2, 0, K, 4, masks.n_masked, seed=10)
+        _, terms = alone(MultiCropOutput(**s), MultiCropOutput(**t), 0, masks)
+        assert terms["ibot_loss"].item() == pytest.approx(full["ibot_0"].item(), rel=1e-6)
+    else:  # rank 0's share of each update keeps the center: c <- 0.9 c + 0.1 (c + mean_1) / 2
+        c = torch.zeros(1, 1, K, dtype=torch.float64)
+        for step in range(2):
+            batch = full[f"teacher_{step}"].double().mean(0).view(1, 1, K)
+            c = 0.9 * c + 0.1 * (c + batch) / 2
+        torch.testing.assert_close(full["center"].double(), c, rtol=1e-5, atol=1e-7)
+
+
 # --------------------------------------------------------------------------- training runs
 
 DINOV2 = ["--recipe", "dinov2", "--knn_before", "false", "--attention_images", "0"]
@@ -361,6 +433,26 @@ def test_dinov2_resume_with_masks_is_bit_exact(tmp_path):
     # and a DINO-recipe run cannot resume it (no mask token, no iBOT head)
     with pytest.raises(SystemExit, match="mask token"):
         run(resumed, "--resume", "--knn_before", "false", "--epochs", "3")
+
+
+def test_resume_checks_checkpoints_from_before_the_recipe_flags(tmp_path):
+    from dino_fast.train_args import LEGACY_ARGS
+    first = ["--epochs", "2", "--knn_before", "false", "--attention_images", "0"]
+    assert run(tmp_path, *first, "--max_train_minutes", "0.0001")["epochs_trained"] == 1
+    path = tmp_path / "checkpoint.pth"
+    ckpt = load_checkpoint(path)
+    for key in LEGACY_ARGS:  # what a checkpoint of a run before the recipe flags holds
+        del ckpt["args"][key]
+    torch.save(ckpt, path)
+    # the demo's default is now the DINOv2 recipe: a clear refusal, not a state-dict traceback
+    with pytest.raises(SystemExit, match=r"mask token .*False \(checkpoint\) vs True .*"
+                                         r"pass --recipe dino"):
+        run(tmp_path, *first, "--recipe", "dinov2", "--resume")
+    # the same networks with another objective: trains on, with a warning naming the flag
+    with pytest.warns(RuntimeWarning, match=r"another objective: --koleo_loss_weight 0 "
+                                            r"\(checkpoint\) vs 0.1 \(now\)"):
+        result = run(tmp_path, *first, "--koleo_loss_weight", "0.1", "--resume")
+    assert (result["start_epoch"], result["epochs_trained"]) == (1, 2)
 
 
 def test_dinov2_on_two_gloo_processes(tmp_path):
