@@ -4,8 +4,10 @@ fp32 and bf16 logits, on CUDA; then a sweep over K and over the number of local 
 Paths timed (`extra_info["path"]`):
 - official double loop: the official script's formulation (tests/reference.py), one
   log_softmax and one (B, K) product per crop pair, autograd backward;
-- dino_fast eager: `dino_loss_eager`, swept in cache-sized chunks, its gradient written in the
-  forward;
+- dino_fast eager: `dino_loss_eager`, its gradient written in the forward; for fp32 on a CPU
+  the C kernel (dino_fast.cpu_kernels: three cache-resident sweeps per student row);
+- dino_fast eager, PyTorch ops (CPU): the same with `DINO_FAST_CPU_KERNEL=0`, the ops swept in
+  cache-sized chunks (the fallback where no C compiler is found);
 - dino_fast Triton: the fused kernels (CUDA only; on CPU the interpreter would time numpy);
 - floor (CPU): `torch.softmax(S, -1)` into a fresh tensor, reading S once and writing one
   gradient-sized tensor, what any loss path must at least do.
@@ -28,6 +30,7 @@ import torch
 
 from benchmarks import load_test_reference
 from benchmarks.roofline import peak_memory, record, synchronized
+from dino_fast import cpu_kernels
 from dino_fast.loss import dino_loss, dino_loss_eager
 
 reference = load_test_reference()
@@ -160,6 +163,7 @@ def _floor_step(p):
 def test_loss_dino_fast_eager(benchmark, problem):
     fn = _bench(benchmark, "dino_fast eager", _eager, problem, _tolerances(problem))
     if problem["device"].type == "cpu":
+        benchmark.extra_info["cpu_kernel"] = cpu_kernels.status()
         # the ratios of the CPU targets, measured in this process, interleaved
         p = problem
         official = synchronized(lambda: _official_step(p), p["device"])
@@ -169,6 +173,13 @@ def test_loss_dino_fast_eager(benchmark, problem):
             floor_ms=round(floor_s * 1e3, 2), eager_interleaved_ms=round(eager_s * 1e3, 2),
             official_ms=round(official_s * 1e3, 2), x_floor=round(eager_s / floor_s, 2),
             x_official=round(official_s / eager_s, 2))
+
+
+def test_loss_dino_fast_eager_pytorch_ops(benchmark, problem, monkeypatch):
+    if problem["device"].type != "cpu":
+        pytest.skip("the C kernel and its fallback are the CPU path")
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    _bench(benchmark, "dino_fast eager, PyTorch ops", _eager, problem, _tolerances(problem))
 
 
 def _official_step(p):

@@ -38,6 +38,7 @@ from typing import Optional, Union
 
 import torch
 
+from dino_fast import cpu_kernels
 from dino_fast.backend import check_backend_name, resolve_backend
 from dino_fast.cross_entropy_spec import CrossEntropySpec, check_cross_entropy_inputs, compute_dtype
 
@@ -116,6 +117,13 @@ def _sweep(student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.
     weighted = row_weight is not None
     probs_given = spec.teacher_temp is None
     w_all = None if not weighted else row_weight.detach().to(cdt)
+    kernel = _cpu_kernel(student, teacher, grad, cdt, grad_factor, G)
+    if kernel is not None:  # the C kernel (dino_fast.cpu_kernels): fp32 on a CPU
+        ce = cpu_kernels.soft_cross_entropy(
+            kernel, student, teacher, center, grad, groups, G, spec.student_temp,
+            spec.teacher_temp, None if row_weight is None else row_weight.detach(),
+            spec.scale * grad_factor)
+        return ce.sum().mul_(spec.scale).to(cdt) if want_loss else None
     # work buffers, allocated once and reused by every chunk; each chunk takes contiguous views
     # of them (a partial last chunk too: softmax's out= must be contiguous)
     y_buf = torch.empty(widest * nb * K, dtype=cdt, device=dev)
@@ -196,6 +204,19 @@ def _sweep(student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.
                     nQ = torch.mul(Q, -f, out=_view(nq_buf, n, K))
                     torch.add(nQ, p, alpha=f * sum(wi for _, wi in active), out=out)
     return total * spec.scale if want_loss else None
+
+
+def _cpu_kernel(student, teacher, grad, cdt, grad_factor, n_teacher):
+    """The C kernel when it applies (fp32 contiguous CPU tensors, a python-float gradient
+    factor, at most MAX_TEACHER_CROPS teacher crops) and is built, else None (the ops)."""
+    if student.device.type != "cpu" or cdt != torch.float32 or \
+            student.dtype != torch.float32 or teacher.dtype != torch.float32 or \
+            not student.is_contiguous() or not teacher.is_contiguous() or \
+            (grad is not None and (grad.dtype != torch.float32 or not grad.is_contiguous())) or \
+            isinstance(grad_factor, torch.Tensor) or n_teacher > cpu_kernels.MAX_TEACHER_CROPS \
+            or torch.compiler.is_compiling():
+        return None
+    return cpu_kernels.kernel()
 
 
 class _SoftCrossEntropyEager(torch.autograd.Function):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dino_fast import distributed
+from dino_fast import cpu_kernels, distributed
 from dino_fast.augmentation import DataAugmentationDINO, collate_crops
 from dino_fast.backend import resolve_backend
 from dino_fast.batch_augmentation import (
@@ -163,9 +163,11 @@ def train_dino(args: argparse.Namespace) -> dict:
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the patch embedding is a convolution
+    backend = resolve_backend(args.backend, device, "train")
+    kernel = f" (CPU loss kernel {cpu_kernels.status()})" if backend == "eager" and \
+        device.type == "cpu" and precision == "fp32" else ""
     say(f"dino_fast: {env.world_size} process(es) on {device}, {precision}, "
-        f"{'compiled' if use_compile else 'eager'} ViT, "
-        f"loss/EMA backend {resolve_backend(args.backend, device, 'train')}")
+        f"{'compiled' if use_compile else 'eager'} ViT, loss/EMA backend {backend}{kernel}")
 
     # ============ preparing data ... ============
     crop_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number)

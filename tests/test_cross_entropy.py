@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dino_fast import cpu_kernels
 from dino_fast.backend import interpreter_enabled, triton_available
 from dino_fast.cross_entropy import CHUNK_ELEMENTS, soft_cross_entropy
 
@@ -18,7 +19,8 @@ needs_interpreter = pytest.mark.skipif(
     not (triton_available() and interpreter_enabled()),
     reason="Triton on CPU needs TRITON_INTERPRET=1 (conftest sets it when there is no CUDA)")
 BACKENDS = [
-    pytest.param(("eager", "cpu"), id="eager-cpu"),
+    pytest.param(("eager", "cpu"), id="eager-cpu"),  # fp32: the C kernel (dino_fast.cpu_kernels)
+    pytest.param(("eager", "cpu"), id="eager-ops-cpu"),  # the PyTorch ops, the kernel off
     pytest.param(("triton", "cpu"), marks=needs_interpreter, id="triton-interpreter"),
     pytest.param(("eager", "cuda"), marks=gpu, id="eager-cuda"),
     pytest.param(("triton", "cuda"), marks=gpu, id="triton-cuda"),
@@ -35,6 +37,18 @@ LAYOUTS = [
     ("K=1", DINO_2_2, 2, 1),
 ]
 MODES = ["logits+center", "logits", "probabilities"]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kernel_choice(request, monkeypatch):
+    """eager-cpu runs the C kernel (skipped where it cannot be built), eager-ops-cpu the ops."""
+    test_id = request.node.callspec.id if hasattr(request.node, "callspec") else ""
+    if "eager-ops-cpu" in test_id:
+        monkeypatch.setenv(cpu_kernels.ENV, "0")
+    elif "eager-cpu" in test_id:
+        if cpu_kernels.status() != "compiled":
+            pytest.skip(f"the CPU loss kernel is {cpu_kernels.status()}")
+        monkeypatch.setenv(cpu_kernels.ENV, "1")
 
 
 def _inputs(table, B, K, dtype, mode, weighted, device, seed=0):
@@ -203,3 +217,74 @@ def _bad_cases():
 def test_bad_input_is_refused_naming_the_argument(name, args, kwargs, exc, word):
     with pytest.raises(exc, match=word):
         soft_cross_entropy(*args, **kwargs)
+
+
+# ------------------------------------------------------------------ the C kernel of the CPU path
+
+needs_cpu_kernel = pytest.mark.skipif(cpu_kernels.status() != "compiled",
+                                      reason="the CPU loss kernel cannot be built here")
+
+
+def _kernel_and_ops(monkeypatch, student, teacher, table, **kwargs):
+    out = {}
+    for choice in ("1", "0"):
+        monkeypatch.setenv(cpu_kernels.ENV, choice)
+        s = student.detach().clone().requires_grad_()
+        loss = soft_cross_entropy(s, teacher, table, backend="eager", **kwargs)
+        loss.backward()
+        out[choice] = (loss.detach(), s.grad)
+    return out["1"], out["0"]
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_on_several_threads_equals_the_ops_and_the_literal_loop(monkeypatch):
+    # 4 samples x 6 crops at K = 65536: two threads of two samples each
+    table = [[0.0, 1.0], [1.0, 0.0]] + [[1.0, 1.0]] * 4
+    student, teacher, center, row_weight = _inputs(table, 4, 65536, torch.float32,
+                                                   "logits+center", True, "cpu")
+    args = dict(student_temp=0.1, teacher_temp=0.04, center=center, row_weight=row_weight,
+                scale=0.05)
+    (k_loss, k_grad), (o_loss, o_grad) = _kernel_and_ops(monkeypatch, student, teacher, table,
+                                                         **args)
+    s_ref = student.double().requires_grad_()
+    ref = literal_soft_cross_entropy(s_ref, teacher.double(), table, 0.1, 0.04, center.double(),
+                                     row_weight.double(), scale=0.05)
+    ref.backward()
+    for loss, grad in ((k_loss, k_grad), (o_loss, o_grad)):
+        assert rel_rms(loss, ref) <= LOSS_RTOL[torch.float32]
+        assert rel_rms(grad, s_ref.grad) <= GRAD_RTOL[torch.float32]
+    assert torch.count_nonzero(k_grad.view(6, 4, -1)[:, 0]) == 0  # sample 0 has weight 0
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_cpu_kernel_makes_a_non_finite_input_a_non_finite_loss(monkeypatch, where, value):
+    student, teacher, center, _ = _inputs(DINO_2_2, 3, 40, torch.float32, "logits+center",
+                                          False, "cpu")
+    (student if where == "student" else teacher)[1, 7] = value
+    (k_loss, _), (o_loss, _) = _kernel_and_ops(monkeypatch, student, teacher, DINO_2_2,
+                                               student_temp=0.1, teacher_temp=0.04,
+                                               center=center)
+    assert not torch.isfinite(k_loss) and not torch.isfinite(o_loss)
+
+
+def test_without_a_compiler_the_ops_run_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DINO_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(cpu_kernels.ENV, "auto")
+    student, teacher, _, _ = _inputs(DINO_2_2, 2, 16, torch.float32, "logits", False, "cpu")
+    with pytest.warns(RuntimeWarning, match="could not be built.*PyTorch ops"):
+        loss = soft_cross_entropy(student, teacher, DINO_2_2, student_temp=0.1,
+                                  teacher_temp=0.04)
+    ref = literal_soft_cross_entropy(student.double(), teacher.double(), DINO_2_2, 0.1, 0.04)
+    assert rel_rms(loss, ref) <= LOSS_RTOL[torch.float32]
+    assert cpu_kernels.status().startswith("unavailable: the C compiler failed")
+    monkeypatch.setenv(cpu_kernels.ENV, "1")
+    with pytest.raises(RuntimeError, match="DINO_FAST_CPU_KERNEL=1 but the CPU loss kernel is "
+                                           "unavailable"):
+        soft_cross_entropy(student, teacher, DINO_2_2, student_temp=0.1, teacher_temp=0.04)
+    monkeypatch.setenv(cpu_kernels.ENV, "yes")
+    with pytest.raises(ValueError, match="DINO_FAST_CPU_KERNEL must be auto, 0 or 1"):
+        soft_cross_entropy(student, teacher, DINO_2_2, student_temp=0.1, teacher_temp=0.04)

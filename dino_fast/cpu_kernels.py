@@ -1,0 +1,200 @@
+"""The CPU kernel of the eager soft cross-entropy (kernels/cpu_rows.c), built at first use.
+
+On a CPU a chain of PyTorch ops reads each cache-resident row of the student eight or nine times
+(scale, max, shift, softmax, max, dot, gradient) and pays a call per op and chunk. The C kernel
+takes each sample's teacher rows and student rows through in one go, three sweeps per student row
+(max; sum of exp and the teacher dot; the gradient), so fp32 runs near the speed of a softmax
+into a fresh tensor. It is compiled once per machine with the system C compiler (`$CC`, else `cc`)
+into a cache directory (`$DINO_FAST_CACHE`, else `~/.cache/dino_fast`), keyed by the source,
+the flags and the CPU, and loaded with ctypes; threads are Python threads, one range of rows
+each (ctypes releases the GIL), as many as `torch.get_num_threads()`.
+
+`DINO_FAST_CPU_KERNEL` chooses: `auto` (default: the kernel when it builds, else the PyTorch
+ops, with one warning), `0` (always the ops) or `1` (the kernel, an error when it cannot be
+built). `status()` says which is in use and why.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "kernels" / "cpu_rows.c"
+if not SOURCE.is_file():  # an editable install: dino_fast.kernels is the top-level kernels/
+    SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "cpu_rows.c"
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp-simd"], ["-O3", "-fopenmp-simd"], ["-O3"])
+ENV = "DINO_FAST_CPU_KERNEL"
+# a block smaller than this runs on the calling thread: handing it out costs more than it saves
+MIN_ELEMENTS_PER_THREAD = 1 << 16
+
+_lock = threading.Lock()
+_state: dict = {}  # "fn": the ctypes function or None; "why": the reason when None
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"{ENV} must be auto, 0 or 1, got {value!r}")
+    return value
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on: -march=native code runs only on a CPU of the same kind
+    (a home directory shared by machines of several kinds gets one build per kind)."""
+    info = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    info += line
+    except OSError:
+        pass
+    return info
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DINO_FAST_CACHE") or Path.home() / ".cache" / "dino_fast"
+    return Path(root) / "cpu_kernels"
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or find the cached build of) the kernel and load it; raises with the compiler's
+    messages when no flag set compiles."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or \
+        shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install cc / gcc / clang)")
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()
+                             + _cpu_signature().encode()).hexdigest()[:20]
+        target = _cache_dir() / f"cpu_rows-{key}.so"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            cmd = [compiler, *flags, "-std=c99", "-fPIC", "-shared", str(SOURCE), "-o", tmp,
+                   "-lm"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                error = proc.stderr.strip()[-500:] if proc.returncode != 0 else None
+            except OSError as exc:  # the compiler cannot be run at all
+                error = str(exc)
+            if error is not None:
+                os.unlink(tmp)
+                errors.append(f"{' '.join(cmd)}: {error}")
+                continue
+            os.replace(tmp, target)  # atomic: concurrent processes build the same file
+        lib = ctypes.CDLL(str(target))
+        fn = lib.dino_fast_soft_ce_f32
+        ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, f32, i64, ptr, ptr, ptr,
+                       ctypes.c_double, i64, i64, ptr, ptr]
+        fn.restype = None
+        return fn
+    raise RuntimeError("the C compiler failed: " + " | ".join(errors))
+
+
+def kernel():
+    """The compiled row function, or None when the ops are to be used (see the module doc)."""
+    want = mode()
+    if want == "0":
+        return None
+    with _lock:
+        if "fn" not in _state:
+            try:
+                _state["fn"], _state["why"] = _build(), "compiled"
+            except Exception as exc:  # no compiler, a failed build: the ops still run
+                _state["fn"], _state["why"] = None, f"unavailable: {exc}"
+                if want == "auto":
+                    warnings.warn(f"dino_fast: the CPU loss kernel could not be built, the eager "
+                                  f"loss runs on PyTorch ops (slower): {exc}", RuntimeWarning,
+                                  stacklevel=3)
+    if _state["fn"] is None and want == "1":
+        raise RuntimeError(f"{ENV}=1 but the CPU loss kernel is {_state['why']}")
+    return _state["fn"]
+
+
+def status() -> str:
+    """"compiled", "disabled (DINO_FAST_CPU_KERNEL=0)" or "unavailable: <why>"."""
+    if mode() == "0":
+        return f"disabled ({ENV}=0)"
+    kernel()
+    return _state["why"]
+
+
+_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+
+def _forget_pool() -> None:  # a forked child (a data-loader worker) has none of its threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _threads(n: int) -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers < n:
+        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=n,
+                                                      thread_name_prefix="dino_fast_rows")
+    return _pool
+
+
+MAX_TEACHER_CROPS = 64  # the kernel's per-sample table of teacher rows
+
+
+def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
+                       center: Optional[torch.Tensor], grad: Optional[torch.Tensor],
+                       groups: list, n_teacher: int, student_temp: float,
+                       teacher_temp: Optional[float], row_weight: Optional[torch.Tensor],
+                       grad_scale: float) -> torch.Tensor:
+    """Run the kernel: returns the (V*B,) fp64 per-row w_b CE, and writes grad (when given) =
+    grad_scale * w_b * (Qsum softmax(S / tau_s) - Q) / tau_s.
+
+    student, grad: (V*B, K) contiguous fp32; teacher: (G*B, K) contiguous fp32 logits
+    (teacher_temp given) or probabilities; center: (K,) contiguous fp32 or None; groups: the
+    spec's (v0, v1, weights) runs; row_weight: (B,) fp32 or None.
+    """
+    K = student.shape[1]
+    B = teacher.shape[0] // n_teacher
+    V = student.shape[0] // B
+    bounds = torch.tensor([g[0] for g in groups] + [groups[-1][1]], dtype=torch.int64)
+    weights = torch.tensor([g[2] for g in groups], dtype=torch.float32).contiguous()
+    rw = None if row_weight is None else row_weight.to(torch.float32).contiguous()
+    workers = max(1, min(torch.get_num_threads(), B, V * B * K // MIN_ELEMENTS_PER_THREAD))
+    work = torch.empty(workers, n_teacher + 1, K, dtype=torch.float32)
+    ce = torch.empty(V * B, dtype=torch.float64)
+    inv_t = 0.0 if teacher_temp is None else 1.0 / teacher_temp
+    args = (student.data_ptr(), teacher.data_ptr(), 0 if center is None else center.data_ptr(),
+            0 if grad is None else grad.data_ptr(), V, n_teacher, B, K, 1.0 / student_temp,
+            inv_t, len(groups), bounds.data_ptr(), weights.data_ptr(),
+            0 if rw is None else rw.data_ptr(), grad_scale / student_temp)
+    edges = [B * i // workers for i in range(workers + 1)]
+    calls = [(*args, b0, b1, work[i].data_ptr(), ce.data_ptr())
+             for i, (b0, b1) in enumerate(zip(edges[:-1], edges[1:]))]
+    if workers == 1:
+        fn(*calls[0])
+    else:
+        pool = _threads(workers - 1)  # the calling thread takes the first range
+        jobs = [pool.submit(fn, *c) for c in calls[1:]]
+        try:
+            fn(*calls[0])
+        finally:
+            for job in jobs:
+                job.result()
+    return ce

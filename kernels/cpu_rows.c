@@ -1,0 +1,210 @@
+/* The soft cross-entropy on a CPU, fp32 (dino_fast/cross_entropy.py: the eager path's sweep,
+ * whose notation this follows): per sample, the teacher probabilities of its G teacher crops and
+ * each crop group's combined Q are built in a per-thread workspace ((G + 1) * K floats), then each
+ * of its student rows takes three sweeps that stay in the core's L2 cache (max; sum of exp and
+ * the dot with Q; the gradient). S and T are read once from memory and the gradient written
+ * once, as a softmax into a fresh tensor would; nothing (rows, K) is allocated.
+ *
+ * Per student row (crop v of sample b, in group g), y = S / tau_s, m = max y:
+ *     CE      = Qsum lse - <Q, y>  = Qsum log sum_k exp(y_k - m) - <Q, y - m>
+ *     dCE/dS  = (Qsum softmax(y) - Q) / tau_s
+ * ce[v * B + b] receives w_b CE and the gradient row f w_b (Qsum p - Q) (f: the caller's scale
+ * / tau_s * grad_output). A row or teacher holding an inf or a NaN gives NaN.
+ *
+ * Built at first use by dino_fast.cpu_kernels with the system C compiler (-O3, -fopenmp-simd:
+ * the SIMD pragmas only, no OpenMP runtime); the caller's threads each take a range of samples.
+ * Plain C99, no dependency.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 512 /* float partial sums over BLOCK elements, then double */
+
+/* e^x for x <= 0 (x = y - max y): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-7
+ * polynomial for e^r and 2^n from the exponent bits; about 1 ulp. Below -87.3 it returns 2^-126
+ * instead of a smaller or zero value, which adds at most K * 1.2e-38 to a sum >= 1. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    float t = x * 1.44269504088896341f;
+    float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest (1.5 * 2^23) */
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) * (1 << 23);
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* The three sweeps of one student row s against Q (Qsum its sum): returns CE and stores the
+ * gradient fw (Qsum p - Q) in out when out is not NULL. */
+static double student_row(const float *s, const float *q, double qsum, float *out, int64_t K,
+                          float inv_s, float fw) {
+    /* sweep 1: the row's max (from memory; the row then sits in L2) */
+    float m = -INFINITY, bad = 0.0f;
+#pragma omp simd reduction(max : m) reduction(+ : bad)
+    for (int64_t k = 0; k < K; ++k) {
+        m = s[k] > m ? s[k] : m;
+        bad += s[k] - s[k]; /* 0, or NaN for an inf or a NaN */
+    }
+    if (!(bad == 0.0f)) {
+        if (out)
+            for (int64_t k = 0; k < K; ++k) out[k] = NAN;
+        return NAN;
+    }
+    const float ym = m * inv_s;
+
+    /* sweep 2: sum of exp(y - m) and <Q, y - m>; exp(y - m) kept in the gradient row */
+    double sum = 0.0, d = 0.0;
+    for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
+        const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
+        float bs = 0.0f, bd = 0.0f;
+        if (out) {
+#pragma omp simd reduction(+ : bs, bd)
+            for (int64_t k = k0; k < k1; ++k) {
+                const float t = s[k] * inv_s - ym;
+                const float e = exp_nonpositive(t);
+                out[k] = e;
+                bs += e;
+                bd += q[k] * t;
+            }
+        } else {
+#pragma omp simd reduction(+ : bs, bd)
+            for (int64_t k = k0; k < k1; ++k) {
+                const float t = s[k] * inv_s - ym;
+                bs += exp_nonpositive(t);
+                bd += q[k] * t;
+            }
+        }
+        sum += bs;
+        d += bd;
+    }
+
+    /* sweep 3: the gradient, exp(y - m) (fw Qsum / sum) - fw Q; where p is one-hot on Q's
+     * support (K = 1, say) the two products are the same float and cancel exactly */
+    if (out) {
+        const float pa = fw * (float)(qsum / sum);
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) out[k] = out[k] * pa - fw * q[k];
+    }
+    return qsum * log(sum) - d;
+}
+
+/* softmax((t - center) * inv_t) of one teacher row into q; returns the sum of q. */
+static double teacher_row(const float *t, const float *center, float inv_t, float *q, int64_t K) {
+    float m = -INFINITY;
+    if (center) {
+#pragma omp simd reduction(max : m)
+        for (int64_t k = 0; k < K; ++k) {
+            q[k] = (t[k] - center[k]) * inv_t;
+            m = q[k] > m ? q[k] : m;
+        }
+    } else {
+#pragma omp simd reduction(max : m)
+        for (int64_t k = 0; k < K; ++k) {
+            q[k] = t[k] * inv_t;
+            m = q[k] > m ? q[k] : m;
+        }
+    }
+    double sum = 0.0;
+    for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
+        const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
+        float bs = 0.0f;
+#pragma omp simd reduction(+ : bs)
+        for (int64_t k = k0; k < k1; ++k) {
+            q[k] = exp_nonpositive(q[k] - m);
+            bs += q[k];
+        }
+        sum += bs;
+    }
+    const float r = (float)(1.0 / sum);
+    double total = 0.0;
+    for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
+        const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
+        float bs = 0.0f;
+#pragma omp simd reduction(+ : bs)
+        for (int64_t k = k0; k < k1; ++k) {
+            q[k] *= r;
+            bs += q[k];
+        }
+        total += bs;
+    }
+    return (m == m && m != INFINITY) ? total : NAN;
+}
+
+/* Samples b0 .. b1 - 1 of the soft cross-entropy (see the top of the file).
+ * S: (V * B, K) student logits; T: (NT * B, K) teacher logits (inv_t > 0) or probabilities
+ * (inv_t == 0); center: K floats or NULL; G: (V * B, K) gradient or NULL. Crop groups: student
+ * crops group_v0[g] .. group_v0[g + 1] - 1 share the teacher weights group_w[g * NT ..]; row_w:
+ * B sample weights or NULL; work: (NT + 1) * K floats of this thread; ce: V * B doubles. */
+void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, float *G,
+                           int64_t V, int64_t NT, int64_t B, int64_t K, float inv_s, float inv_t,
+                           int64_t n_groups, const int64_t *group_v0, const float *group_w,
+                           const float *row_w, double f, int64_t b0, int64_t b1, float *work,
+                           double *ce) {
+    (void)V;
+    const float *qrow[64];
+    double qsum[64];
+    float *Qbuf = work + NT * K;
+    for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t i = 0; i < NT; ++i) {
+            const float *t = T + (i * B + b) * K;
+            if (inv_t > 0.0f) {
+                qsum[i] = teacher_row(t, center, inv_t, work + i * K, K);
+                qrow[i] = work + i * K;
+            } else {
+                double total = 0.0;
+                for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
+                    const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
+                    float bs = 0.0f;
+#pragma omp simd reduction(+ : bs)
+                    for (int64_t k = k0; k < k1; ++k) bs += t[k];
+                    total += bs;
+                }
+                qsum[i] = total;
+                qrow[i] = t;
+            }
+        }
+        const double w = row_w ? row_w[b] : 1.0;
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const float *wg = group_w + g * NT;
+            int64_t active = 0, last = 0;
+            for (int64_t i = 0; i < NT; ++i)
+                if (wg[i] != 0.0f) ++active, last = i;
+            const float *Q;
+            double Qsum = 0.0;
+            if (active == 1 && wg[last] == 1.0f) {
+                Q = qrow[last];
+                Qsum = qsum[last];
+            } else {
+                Q = Qbuf;
+                for (int64_t k = 0; k < K; ++k) Qbuf[k] = 0.0f;
+                for (int64_t i = 0; i < NT; ++i) {
+                    if (wg[i] == 0.0f) continue;
+                    const float wi = wg[i], *qi = qrow[i];
+#pragma omp simd
+                    for (int64_t k = 0; k < K; ++k) Qbuf[k] += wi * qi[k];
+                    Qsum += wi * qsum[i];
+                }
+            }
+            for (int64_t v = group_v0[g]; v < group_v0[g + 1]; ++v) {
+                float *out = G ? G + (v * B + b) * K : 0;
+                if (active == 0) { /* crops paired with no teacher crop: no loss, zero gradient */
+                    if (out)
+                        for (int64_t k = 0; k < K; ++k) out[k] = 0.0f;
+                    ce[v * B + b] = 0.0;
+                    continue;
+                }
+                ce[v * B + b] = w * student_row(S + (v * B + b) * K, Q, Qsum, out, K, inv_s,
+                                                (float)(f * w));
+            }
+        }
+    }
+}
