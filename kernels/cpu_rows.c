@@ -43,10 +43,10 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* The three sweeps of one student row s against Q (Qsum its sum): returns CE and stores the
- * gradient fw (Qsum p - Q) in out when out is not NULL. */
-static double student_row(const float *s, const float *q, double qsum, float *out, int64_t K,
-                          float inv_s, float fw) {
+/* The three sweeps of one student row s against Q = qscale * q (Qsum its sum): returns CE and
+ * stores the gradient fw (Qsum p - Q) in out when out is not NULL. */
+static double student_row(const float *s, const float *q, float qscale, double qsum, float *out,
+                          int64_t K, float inv_s, float fw) {
     /* sweep 1: the row's max (from memory; the row then sits in L2) */
     float m = -INFINITY, bad = 0.0f;
 #pragma omp simd reduction(max : m) reduction(+ : bad)
@@ -90,14 +90,15 @@ static double student_row(const float *s, const float *q, double qsum, float *ou
     /* sweep 3: the gradient, exp(y - m) (fw Qsum / sum) - fw Q; where p is one-hot on Q's
      * support (K = 1, say) the two products are the same float and cancel exactly */
     if (out) {
-        const float pa = fw * (float)(qsum / sum);
+        const float pa = fw * (float)(qsum / sum), qa = fw * qscale;
 #pragma omp simd
-        for (int64_t k = 0; k < K; ++k) out[k] = out[k] * pa - fw * q[k];
+        for (int64_t k = 0; k < K; ++k) out[k] = out[k] * pa - qa * q[k];
     }
-    return qsum * log(sum) - d;
+    return qsum * log(sum) - qscale * d;
 }
 
-/* softmax((t - center) * inv_t) of one teacher row into q; returns the sum of q. */
+/* exp((t - center) * inv_t - max) of one teacher row into q: the softmax times the returned
+ * sum (NaN for a row with an inf or a NaN). */
 static double teacher_row(const float *t, const float *center, float inv_t, float *q, int64_t K) {
     float m = -INFINITY;
     if (center) {
@@ -124,19 +125,7 @@ static double teacher_row(const float *t, const float *center, float inv_t, floa
         }
         sum += bs;
     }
-    const float r = (float)(1.0 / sum);
-    double total = 0.0;
-    for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
-        const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
-        float bs = 0.0f;
-#pragma omp simd reduction(+ : bs)
-        for (int64_t k = k0; k < k1; ++k) {
-            q[k] *= r;
-            bs += q[k];
-        }
-        total += bs;
-    }
-    return (m == m && m != INFINITY) ? total : NAN;
+    return (m == m && m != INFINITY) ? sum : NAN;
 }
 
 /* Samples b0 .. b1 - 1 of the soft cross-entropy (see the top of the file).
@@ -151,13 +140,16 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
                            double *ce) {
     (void)V;
     const float *qrow[64];
-    double qsum[64];
+    float qscale[64]; /* teacher crop i's probabilities are qscale[i] * qrow[i] */
+    double qsum[64];  /* and sum to qsum[i] */
     float *Qbuf = work + NT * K;
     for (int64_t b = b0; b < b1; ++b) {
         for (int64_t i = 0; i < NT; ++i) {
             const float *t = T + (i * B + b) * K;
             if (inv_t > 0.0f) {
-                qsum[i] = teacher_row(t, center, inv_t, work + i * K, K);
+                const double esum = teacher_row(t, center, inv_t, work + i * K, K);
+                qscale[i] = (float)(1.0 / esum);
+                qsum[i] = esum * qscale[i];
                 qrow[i] = work + i * K;
             } else {
                 double total = 0.0;
@@ -169,6 +161,7 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
                     total += bs;
                 }
                 qsum[i] = total;
+                qscale[i] = 1.0f;
                 qrow[i] = t;
             }
         }
@@ -178,20 +171,27 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
             int64_t active = 0, last = 0;
             for (int64_t i = 0; i < NT; ++i)
                 if (wg[i] != 0.0f) ++active, last = i;
-            const float *Q;
+            const float *Q = Qbuf;
+            float Qscale = 1.0f;
             double Qsum = 0.0;
             if (active == 1 && wg[last] == 1.0f) {
                 Q = qrow[last];
+                Qscale = qscale[last];
                 Qsum = qsum[last];
-            } else {
-                Q = Qbuf;
-                for (int64_t k = 0; k < K; ++k) Qbuf[k] = 0.0f;
+            } else if (active > 0) {
+                int first = 1;
                 for (int64_t i = 0; i < NT; ++i) {
                     if (wg[i] == 0.0f) continue;
-                    const float wi = wg[i], *qi = qrow[i];
+                    const float wi = wg[i] * qscale[i], *qi = qrow[i];
+                    if (first) {
 #pragma omp simd
-                    for (int64_t k = 0; k < K; ++k) Qbuf[k] += wi * qi[k];
-                    Qsum += wi * qsum[i];
+                        for (int64_t k = 0; k < K; ++k) Qbuf[k] = wi * qi[k];
+                    } else {
+#pragma omp simd
+                        for (int64_t k = 0; k < K; ++k) Qbuf[k] += wi * qi[k];
+                    }
+                    first = 0;
+                    Qsum += wg[i] * qsum[i];
                 }
             }
             for (int64_t v = group_v0[g]; v < group_v0[g + 1]; ++v) {
@@ -202,8 +202,8 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
                     ce[v * B + b] = 0.0;
                     continue;
                 }
-                ce[v * B + b] = w * student_row(S + (v * B + b) * K, Q, Qsum, out, K, inv_s,
-                                                (float)(f * w));
+                ce[v * B + b] = w * student_row(S + (v * B + b) * K, Q, Qscale, Qsum, out, K,
+                                                inv_s, (float)(f * w));
             }
         }
     }
