@@ -123,17 +123,26 @@ class MaskBatch(NamedTuple):
         image i is row i (crop-major: the first B rows are the first global crop of each image).
     weights: (M,) fp32, M = masks.sum(): 1 / (masked patches of its image) for each masked patch,
         in the order of `masks[masks]` (the `masks_weight` of `iBOTPatchLoss.forward_masked`).
+    indices: (M,) int64, the masked patches' positions in masks.flatten(), computed on the CPU
+        (DINOv2's `mask_indices_list`): selecting patch tokens with them needs no host sync on
+        a GPU, as a boolean index does. None: derived from masks by `select`.
     """
     masks: torch.Tensor
     weights: torch.Tensor
+    indices: Optional[torch.Tensor] = None
 
     @property
     def n_masked(self) -> int:
         return int(self.weights.shape[0])
 
+    @property
+    def select(self) -> torch.Tensor:
+        """What `MultiCropWrapper(patch_select=...)` takes: the indices, else the masks."""
+        return self.indices if self.indices is not None else self.masks
+
     def to(self, device, non_blocking: bool = False) -> MaskBatch:
-        return MaskBatch(self.masks.to(device, non_blocking=non_blocking),
-                         self.weights.to(device, non_blocking=non_blocking))
+        return MaskBatch(*(None if t is None else t.to(device, non_blocking=non_blocking)
+                           for t in self))
 
 
 def mask_weights(masks: torch.Tensor) -> torch.Tensor:
@@ -176,4 +185,4 @@ def sample_masks(n_images: int, grid, ratio_min_max=(0.1, 0.5), probability: flo
     masks += [np.zeros((h, w), dtype=bool)] * (n_images - n_masked_images)
     rng.shuffle(masks)
     flat = torch.from_numpy(np.stack(masks).reshape(n_images, n_patches))
-    return MaskBatch(flat, mask_weights(flat))
+    return MaskBatch(flat, mask_weights(flat), flat.flatten().nonzero().squeeze(1))

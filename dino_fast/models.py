@@ -284,7 +284,9 @@ class MultiCropWrapper(nn.Module):
     - masks (n_global * B, h*w) bool: their masked patches take the backbone's mask token (the
       student's input in DINOv2); the masked patch tokens are then also the selected ones;
     - patch_select (n_global * B, h*w) bool: which of their patch tokens (unmasked input: the
-      teacher's) go through the patch head;
+      teacher's) go through the patch head; or the same as (M,) int64 positions in the
+      flattened (n_global * B * h*w) grid (`MaskBatch.indices`), which selects without the host
+      sync of a boolean index on a GPU; with masks given too, it selects instead of them;
     the selected patch tokens go through `ibot_head` when the wrapper has one, else through
     `head` in the same call as the CLS tokens (DINOv2's shared head). The backbone must accept
     `masks=` and `return_patch_tokens=` (`build_vit`'s does).
@@ -374,12 +376,21 @@ class MultiCropWrapper(nn.Module):
         select = patch_select if patch_select is not None else masks
         if select is None:
             return MultiCropOutput(self.head(cls), cls[:n_images], None)
-        if select.dtype != torch.bool or select.shape != patch_tokens.shape[:2]:
-            name = "patch_select" if patch_select is not None else "masks"
+        name = "patch_select" if patch_select is not None else "masks"
+        if select.dtype == torch.int64 and select.dim() == 1:
+            n = patch_tokens.shape[0] * patch_tokens.shape[1]
+            if select.device.type == "cpu" and select.numel() and \
+                    not (0 <= int(select.min()) and int(select.max()) < n):
+                raise ValueError(f"{name} indices must lie in [0, {n}) (images x patches), got "
+                                 f"{int(select.min())}..{int(select.max())}")
+            selected = patch_tokens.flatten(0, 1).index_select(0, select)
+        elif select.dtype == torch.bool and select.shape == patch_tokens.shape[:2]:
+            selected = patch_tokens[select]
+        else:
             raise ValueError(f"{name} must be a bool tensor of shape (images, patches) = "
-                             f"{tuple(patch_tokens.shape[:2])} for the global crops, got "
-                             f"{select.dtype} {tuple(select.shape)}")
-        selected = patch_tokens[select]
+                             f"{tuple(patch_tokens.shape[:2])} for the global crops (or int64 "
+                             f"positions in its flattening), got {select.dtype} "
+                             f"{tuple(select.shape)}")
         ibot_head = getattr(self, "ibot_head", None)
         if ibot_head is not None:
             return MultiCropOutput(self.head(cls), cls[:n_images], ibot_head(selected))

@@ -390,12 +390,13 @@ def train_one_epoch(state: TrainingState, data_loader: DataLoader, crops_of: Cal
         images = crops_of(images)
         masks = masks_of(2 * images[0].shape[0]) if masks_of is not None else None
         mask = masks.masks if masks is not None else None
+        select = masks.select if masks is not None else None  # CPU-computed: no host sync
 
         # teacher and student forward passes + compute the loss
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             with torch.no_grad():  # only the 2 global views pass the teacher, unmasked
-                teacher_output = teacher(images[:2], patch_select=mask, structured=True)
-            student_output = student(images, masks=mask, structured=True)
+                teacher_output = teacher(images[:2], patch_select=select, structured=True)
+            student_output = student(images, masks=mask, patch_select=select, structured=True)
             loss, terms = loss_fn(student_output, teacher_output, epoch, masks)
         guard.record(loss, it)
 

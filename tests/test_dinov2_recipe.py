@@ -209,6 +209,18 @@ def test_wrapper_sends_the_selected_patch_tokens_through_the_right_head(separate
     assert torch.allclose(net(crops), plain, atol=1e-5)  # the plain call: CLS logits only
     with pytest.raises(ValueError, match="patch_select must be a bool tensor"):
         net(crops[:2], patch_select=masks[:3])
+    # CPU-computed positions (MaskBatch.indices) select the same tokens as the boolean masks
+    batch = sample_masks(4, 4, (0.2, 0.5), 1.0, random.Random(0))
+    assert torch.equal(batch.indices, batch.masks.flatten().nonzero().squeeze(1))
+    assert torch.equal(batch.select, batch.indices)
+    by_index = net(crops, masks=batch.masks, patch_select=batch.indices)
+    assert torch.equal(by_index.patch_logits, out.patch_logits)
+    assert torch.equal(net(crops[:2], patch_select=batch.indices).patch_logits,
+                       net(crops[:2], patch_select=batch.masks).patch_logits)
+    with pytest.raises(ValueError, match=r"patch_select indices must lie in \[0, 64\)"):
+        net(crops[:2], patch_select=torch.tensor([0, 64]))
+    with pytest.raises(ValueError, match="or int64 positions"):
+        net(crops[:2], patch_select=batch.indices.int())
     # local crops as large as the global ones: one resolution run, masks on the global crops only
     same = crops[:2] + [torch.randn(2, 3, 16, 16)]
     out = net(same, masks=masks)
