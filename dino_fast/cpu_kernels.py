@@ -5,9 +5,10 @@ On a CPU a chain of PyTorch ops reads each cache-resident row of the student eig
 takes each sample's teacher rows and student rows through in one go, three sweeps per student row
 (max; sum of exp and the teacher dot; the gradient), so fp32 runs near the speed of a softmax
 into a fresh tensor. It is compiled once per machine with the system C compiler (`$CC`, else `cc`)
-into a cache directory (`$DINO_FAST_CACHE`, else `~/.cache/dino_fast`), keyed by the source,
-the flags and the CPU, and loaded with ctypes; threads are Python threads, one range of rows
-each (ctypes releases the GIL), as many as `torch.get_num_threads()`.
+into a cache directory (`$DINO_FAST_CACHE/cpu_kernels`, else `~/.cache/dino_fast/cpu_kernels`,
+else one in the temporary directory), keyed by the source, the flags and the CPU, and loaded
+with ctypes (a cached build that does not load is rebuilt); threads are Python threads, one
+range of samples each (ctypes releases the GIL), as many as `torch.get_num_threads()`.
 
 `DINO_FAST_CPU_KERNEL` chooses: `auto` (default: the kernel when it builds, else the PyTorch
 ops, with one warning), `0` (always the ops) or `1` (the kernel, an error when it cannot be
@@ -33,7 +34,11 @@ import torch
 SOURCE = Path(__file__).resolve().parent / "kernels" / "cpu_rows.c"
 if not SOURCE.is_file():  # an editable install: dino_fast.kernels is the top-level kernels/
     SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "cpu_rows.c"
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp-simd"], ["-O3", "-fopenmp-simd"], ["-O3"])
+# -ffp-contract=off: no fused multiply-adds (clang's default would fuse), so the kernel rounds as
+# the ops path does and the gradient's two products cancel exactly where they should
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"],
+             ["-O3", "-fopenmp-simd", "-ffp-contract=off"], ["-O3", "-ffp-contract=off"])
+COMPILE_TIMEOUT_S = 120
 ENV = "DINO_FAST_CPU_KERNEL"
 # a block smaller than this runs on the calling thread: handing it out costs more than it saves
 MIN_ELEMENTS_PER_THREAD = 1 << 16
@@ -63,9 +68,43 @@ def _cpu_signature() -> str:
     return info
 
 
-def _cache_dir() -> Path:
+def _cache_dirs() -> list:
+    """Where builds go: $DINO_FAST_CACHE or ~/.cache/dino_fast, then the temporary directory
+    (a read-only home)."""
     root = os.environ.get("DINO_FAST_CACHE") or Path.home() / ".cache" / "dino_fast"
-    return Path(root) / "cpu_kernels"
+    tmp = Path(tempfile.gettempdir()) / f"dino_fast-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    return [Path(root) / "cpu_kernels", tmp / "cpu_kernels"]
+
+
+def _load(path: Path):
+    lib = ctypes.CDLL(str(path))
+    fn = lib.dino_fast_soft_ce_f32
+    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, f32, i64, i64, ptr, ptr, ptr,
+                   ctypes.c_double, i64, i64, ptr, ptr]
+    fn.restype = None
+    return fn
+
+
+def _compile(compiler: str, flags: list, target: Path) -> Optional[str]:
+    """Build into target (atomically); returns None, or the error."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as exc:
+        return f"cannot write {target.parent}: {exc}"
+    os.close(fd)
+    cmd = [compiler, *flags, "-std=c99", "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lm"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        error = proc.stderr.strip()[-500:] if proc.returncode != 0 else None
+    except (OSError, subprocess.TimeoutExpired) as exc:  # no compiler, or a hung one
+        error = str(exc)
+    if error is not None:
+        os.unlink(tmp)
+        return f"{' '.join(cmd)}: {error}"
+    os.replace(tmp, target)  # atomic: concurrent processes build the same file
+    return None
 
 
 def _build() -> ctypes.CDLL:
@@ -80,31 +119,26 @@ def _build() -> ctypes.CDLL:
     for flags in FLAG_SETS:
         key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()
                              + _cpu_signature().encode()).hexdigest()[:20]
-        target = _cache_dir() / f"cpu_rows-{key}.so"
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            cmd = [compiler, *flags, "-std=c99", "-fPIC", "-shared", str(SOURCE), "-o", tmp,
-                   "-lm"]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                error = proc.stderr.strip()[-500:] if proc.returncode != 0 else None
-            except OSError as exc:  # the compiler cannot be run at all
-                error = str(exc)
-            if error is not None:
-                os.unlink(tmp)
-                errors.append(f"{' '.join(cmd)}: {error}")
-                continue
-            os.replace(tmp, target)  # atomic: concurrent processes build the same file
-        lib = ctypes.CDLL(str(target))
-        fn = lib.dino_fast_soft_ce_f32
-        ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, f32, i64, ptr, ptr, ptr,
-                       ctypes.c_double, i64, i64, ptr, ptr]
-        fn.restype = None
-        return fn
-    raise RuntimeError("the C compiler failed: " + " | ".join(errors))
+        for cache in _cache_dirs():
+            target = cache / f"cpu_rows-{key}.so"
+            for _ in range(2):  # a cached file that does not load is rebuilt once
+                if not target.is_file():
+                    error = _compile(compiler, flags, target)
+                    if error is not None:
+                        errors.append(error)
+                        break
+                try:
+                    return _load(target)
+                except (OSError, AttributeError) as exc:
+                    errors.append(f"{target}: {exc}")
+                    try:
+                        target.unlink()
+                    except OSError:
+                        break
+            if errors and errors[-1].startswith("cannot write"):
+                continue  # the next cache directory
+            break
+    raise RuntimeError("the C kernel could not be built or loaded: " + " | ".join(errors))
 
 
 def kernel():
@@ -149,10 +183,13 @@ if hasattr(os, "register_at_fork"):
 
 def _threads(n: int) -> concurrent.futures.ThreadPoolExecutor:
     global _pool
-    if _pool is None or _pool._max_workers < n:
-        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=n,
-                                                      thread_name_prefix="dino_fast_rows")
-    return _pool
+    with _lock:
+        if _pool is None or _pool._max_workers < n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=n,
+                                                          thread_name_prefix="dino_fast_rows")
+        return _pool
 
 
 MAX_TEACHER_CROPS = 64  # the kernel's per-sample table of teacher rows
@@ -182,7 +219,7 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
     inv_t = 0.0 if teacher_temp is None else 1.0 / teacher_temp
     args = (student.data_ptr(), teacher.data_ptr(), 0 if center is None else center.data_ptr(),
             0 if grad is None else grad.data_ptr(), V, n_teacher, B, K, 1.0 / student_temp,
-            inv_t, len(groups), bounds.data_ptr(), weights.data_ptr(),
+            inv_t, int(teacher_temp is None), len(groups), bounds.data_ptr(), weights.data_ptr(),
             0 if rw is None else rw.data_ptr(), grad_scale / student_temp)
     edges = [B * i // workers for i in range(workers + 1)]
     calls = [(*args, b0, b1, work[i].data_ptr(), ce.data_ptr())

@@ -74,6 +74,9 @@ def check_cross_entropy_inputs(student, teacher, pair_weight, *, student_temp, t
         raise ValueError(f"student and teacher must be 2-D (crops*batch, K), got shapes "
                          f"{tuple(student.shape)} and {tuple(teacher.shape)}")
     rows, K = student.shape
+    if K == 0:
+        raise ValueError(f"student must have at least one column (K >= 1 prototypes), got "
+                         f"shape {tuple(student.shape)}")
     if rows == 0 or rows % V:
         raise ValueError(f"student has {rows} rows, which is not a positive multiple of the "
                          f"{V} student crops of pair_weight (rows must be crops*batch, "

@@ -62,8 +62,9 @@ def check_sinkhorn_inputs(teacher_output, teacher_temp, n_iterations, n_valid_ro
     min_rows = 0 if _group_active(None) else 1
     if teacher_output.dim() != 2 or teacher_output.shape[0] < min_rows or \
             teacher_output.shape[1] == 0:
-        raise ValueError(f"{name} must be 2-D (samples, prototypes) with at least one sample and "
-                         f"one prototype, got shape {tuple(teacher_output.shape)}")
+        raise ValueError(f"{name} must be 2-D (samples, prototypes) with at least one sample "
+                         f"(none is allowed only with a process group) and one prototype, got "
+                         f"shape {tuple(teacher_output.shape)}")
     n = teacher_output.shape[0]
     if n_valid_rows is None:
         n_valid_rows = n
@@ -175,7 +176,8 @@ def sinkhorn_knopp_log_scale(teacher_output: torch.Tensor, teacher_temp: float,
         a fixed-size buffer of masked patches); the official classes use every row given.
     process_group: the group whose samples are balanced together (default: the default group when
         one is initialised; a single process otherwise). With a group, a rank without samples
-        (N = 0 or n_valid_rows = 0) still joins every collective and gets the group's log u.
+        (N = 0 or n_valid_rows = 0) still joins every collective and gets the group's log u
+        (NaN when no rank of the group has a sample).
     backend: "auto" (Triton on CUDA, eager elsewhere), "triton" (on CPU only under
         TRITON_INTERPRET=1) or "eager". The Triton path reads the logits 2 * n_iterations - 1
         times and holds O(K + N) floats; the eager path holds two (n, K) fp32 tensors.

@@ -469,8 +469,10 @@ def check_resume_compatible(ckpt: dict, args, needs_scaler: bool) -> None:
                       f"{args.augmentation}: training continues, but the crops differ from "
                       f"those the uninterrupted run would have drawn", RuntimeWarning,
                       stacklevel=2)
+    ibot = saved["ibot_loss_weight"] > 0 or args.ibot_loss_weight > 0  # masks matter only then
     changed = [f"--{k} {_show(saved[k])} (checkpoint) vs {_show(getattr(args, k))} (now)"
-               for k in LOSS_ARGS if _norm(saved[k]) != _norm(getattr(args, k))]
+               for k in LOSS_ARGS if _norm(saved[k]) != _norm(getattr(args, k))
+               and (ibot or not k.startswith("mask_"))]
     if changed:
         warnings.warn("--resume: the checkpoint was trained with another objective: "
                       + "; ".join(changed) + ". Training continues with this run's values, so "

@@ -22,13 +22,15 @@
 #define BLOCK 512 /* float partial sums over BLOCK elements, then double */
 
 /* e^x for x <= 0 (x = y - max y): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-7
- * polynomial for e^r and 2^n from the exponent bits; about 1 ulp. Below -87.3 it returns 2^-126
- * instead of a smaller or zero value, which adds at most K * 1.2e-38 to a sum >= 1. */
+ * polynomial for e^r and 2^n from the exponent bits; about 1.4 ulp. Below -87.3 (e^x < 1.2e-38,
+ * nothing next to a sum >= 1) it returns 0, so no denormal reaches the gradient; NaN stays NaN
+ * (the exponent is clamped before its conversion to an integer). */
 static inline float exp_nonpositive(float x) {
-    x = x < -87.3f ? -87.3f : x;
-    float t = x * 1.44269504088896341f;
+    const float xc = x < -87.3f ? -87.3f : x;
+    float t = xc * 1.44269504088896341f;
     float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest (1.5 * 2^23) */
-    float r = x - n * 0.693359375f;
+    n = n > -126.0f ? n : -126.0f;             /* and NaN -> -126: a defined conversion */
+    float r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -40,21 +42,23 @@ static inline float exp_nonpositive(float x) {
     int32_t bits = ((int32_t)n + 127) * (1 << 23);
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return x < -87.3f ? 0.0f : p * scale;
 }
 
 /* The three sweeps of one student row s against Q = qscale * q (Qsum its sum): returns CE and
  * stores the gradient fw (Qsum p - Q) in out when out is not NULL. */
 static double student_row(const float *s, const float *q, float qscale, double qsum, float *out,
                           int64_t K, float inv_s, float fw) {
-    /* sweep 1: the row's max (from memory; the row then sits in L2) */
-    float m = -INFINITY, bad = 0.0f;
-#pragma omp simd reduction(max : m) reduction(+ : bad)
+    /* sweep 1: the row's max (from memory; the row then sits in L2) and its NaNs; a -inf entry
+     * is exp = 0 (and makes CE +inf where Q > 0, as the ops do), a +inf or a NaN makes the row
+     * NaN */
+    float m = -INFINITY, nans = 0.0f;
+#pragma omp simd reduction(max : m) reduction(+ : nans)
     for (int64_t k = 0; k < K; ++k) {
         m = s[k] > m ? s[k] : m;
-        bad += s[k] - s[k]; /* 0, or NaN for an inf or a NaN */
+        nans += s[k] != s[k] ? 1.0f : 0.0f;
     }
-    if (!(bad == 0.0f)) {
+    if (nans != 0.0f || m == INFINITY || m == -INFINITY) {
         if (out)
             for (int64_t k = 0; k < K; ++k) out[k] = NAN;
         return NAN;
@@ -129,13 +133,14 @@ static double teacher_row(const float *t, const float *center, float inv_t, floa
 }
 
 /* Samples b0 .. b1 - 1 of the soft cross-entropy (see the top of the file).
- * S: (V * B, K) student logits; T: (NT * B, K) teacher logits (inv_t > 0) or probabilities
- * (inv_t == 0); center: K floats or NULL; G: (V * B, K) gradient or NULL. Crop groups: student
+ * S: (V * B, K) student logits; T: (NT * B, K) teacher logits (probs_given == 0: softmax((T -
+ * center) * inv_t)) or probabilities used as given; center: K floats or NULL; G: (V * B, K)
+ * gradient or NULL. Crop groups: student
  * crops group_v0[g] .. group_v0[g + 1] - 1 share the teacher weights group_w[g * NT ..]; row_w:
  * B sample weights or NULL; work: (NT + 1) * K floats of this thread; ce: V * B doubles. */
 void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, float *G,
                            int64_t V, int64_t NT, int64_t B, int64_t K, float inv_s, float inv_t,
-                           int64_t n_groups, const int64_t *group_v0, const float *group_w,
+                           int64_t probs_given, int64_t n_groups, const int64_t *group_v0, const float *group_w,
                            const float *row_w, double f, int64_t b0, int64_t b1, float *work,
                            double *ce) {
     (void)V;
@@ -146,7 +151,7 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
     for (int64_t b = b0; b < b1; ++b) {
         for (int64_t i = 0; i < NT; ++i) {
             const float *t = T + (i * B + b) * K;
-            if (inv_t > 0.0f) {
+            if (!probs_given) {
                 const double esum = teacher_row(t, center, inv_t, work + i * K, K);
                 qscale[i] = (float)(1.0 / esum);
                 qsum[i] = esum * qscale[i];

@@ -10,15 +10,13 @@ sets TRITON_INTERPRET=1); with CUDA the same tests run the compiled kernels ("cu
 """
 import copy
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import compile_for_hopper, free_port
 
 from dino_fast import DINOLoss, dino_loss
 from dino_fast.backend import triton_available
@@ -388,12 +386,6 @@ def test_eager_and_triton_give_the_same_training_trajectory(device):
     assert rel_rms(runs["eager"][-1][2][0], init.head.weight.detach()) > 1e-3
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _triton_center_worker(rank, world, port, student, teacher, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -418,7 +410,7 @@ def test_two_process_async_center_on_the_triton_path_equals_one_process(tmp_path
     student, teacher = torch.randn(ncrops * world * B, K), torch.randn(2 * world * B, K)
     result = str(tmp_path / "center")
     # the workers inherit TRITON_INTERPRET=1 from this process (conftest.py)
-    mp.spawn(_triton_center_worker, args=(world, _free_port(), student, teacher, result),
+    mp.spawn(_triton_center_worker, args=(world, free_port(), student, teacher, result),
              nprocs=world, join=True)
     single = DINOLoss(K, ncrops, 0.04, 0.07, 3, 10, backend="eager")
     single(student, teacher, 0)
@@ -595,12 +587,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter runs kernels the compiler may reject: compile each one for sm_90 (Triton
     ships ptxas), in a process without TRITON_INTERPRET, with the launcher's specialisations."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=300)
-    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr:
-        pytest.skip("Triton's ptxas is not available here")
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    compile_for_hopper(_COMPILE_SCRIPT)
 
 
 # ---------------------------------------------------------------- CUDA only

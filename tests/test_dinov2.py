@@ -4,12 +4,12 @@ where the official formula overflows, input validation, and a 2-process gloo run
 import doctest
 import importlib
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from dino_fast import dinov3
 from dino_fast.backend import triton_available
@@ -522,12 +522,6 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
 
 # ------------------------------------------------------------------------ 2 processes
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_all(cls_x, patch_x, n_patch_rows, world):
     """The SK teachers and both centers (two asynchronous updates), on this process's rows."""
     out = {}
@@ -580,7 +574,7 @@ def test_two_process_gloo_equals_one_process_on_the_concatenated_batch(tmp_path)
     cls_x = logits(2 * 6, 37, scale=6.0, seed=30)  # x / tau up to 150: official SK is NaN
     patch_x = logits(2 * 2, 5, 37, scale=2.0, seed=31)
     result = str(tmp_path / "out")
-    mp.spawn(_gloo_worker, args=(world, _free_port(), cls_x, patch_x, result), nprocs=world,
+    mp.spawn(_gloo_worker, args=(world, free_port(), cls_x, patch_x, result), nprocs=world,
              join=True)
     single = _run_all(cls_x, patch_x, 20, 1)
     for rank in range(world):

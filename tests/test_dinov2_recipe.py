@@ -5,7 +5,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from test_train import TINY, assert_rejected_before_any_work, read_log, state_tensors
 
 from dino_fast import knn, train
@@ -325,12 +325,6 @@ def test_training_loss_without_masked_patches_and_bad_input():
         TrainingLoss(K, 2, 0.04, 0.04, 0, 1, koleo_loss_weight=-1.0)
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _empty_rank_worker(rank, world, port, centering, result_path):
     """Rank 0 draws no masked patch, rank 1 some: both must get through two steps."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -363,7 +357,7 @@ def test_a_rank_without_masked_patches_joins_the_collectives(tmp_path, centering
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_empty_rank_worker,
                          args=(rank, 2, port, centering, result))
-             for port in [_free_port()] for rank in range(2)]
+             for port in [free_port()] for rank in range(2)]
     for proc in procs:
         proc.start()
     for proc in procs:

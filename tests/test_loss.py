@@ -2,13 +2,13 @@
 schedule, state dict, distributed center and input validation."""
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from dino_fast import DINOLoss, dino_loss_eager
 
@@ -328,12 +328,6 @@ def test_auto_backend_picks_eager_on_cpu():
 
 # ---------------------------------------------------------------- distributed center
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _center_worker(rank, world, port, student, teacher, async_center, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -359,7 +353,7 @@ def test_two_process_gloo_center_equals_single_process_center(tmp_path, async_ce
     student = torch.randn(ncrops * world * B, K)
     teacher = torch.randn(2 * world * B, K)
     result = str(tmp_path / "center")
-    mp.spawn(_center_worker, args=(world, _free_port(), student, teacher, async_center, result),
+    mp.spawn(_center_worker, args=(world, free_port(), student, teacher, async_center, result),
              nprocs=world, join=True)
     single = DINOLoss(K, ncrops, 0.04, 0.07, 3, 10, backend="eager")
     single(student, teacher, 0)

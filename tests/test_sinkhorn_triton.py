@@ -13,12 +13,12 @@ inputs, so every input dtype is held to the fp32 bound PROB_RTOL; Triton and eag
 log u to fp32 rounding of |a| = |x / tau| (LOG_U_RTOL).
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import compile_for_hopper, free_port
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -358,12 +358,6 @@ def test_bad_launch_overrides_are_refused(launch, word):
 
 # ------------------------------------------------------------------------ 2 processes
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _gloo_worker(rank, world, port, x, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -391,7 +385,7 @@ def test_two_processes_over_gloo_equal_one_on_the_concatenated_batch(tmp_path):
     x[:7] += 1.0
     result = str(tmp_path / "out")
     # the workers inherit TRITON_INTERPRET=1 from this process (conftest.py)
-    mp.spawn(_gloo_worker, args=(world, _free_port(), x, result), nprocs=world, join=True)
+    mp.spawn(_gloo_worker, args=(world, free_port(), x, result), nprocs=world, join=True)
     single_center = sinkhorn_knopp_center(x, 0.04, backend="eager")
     single_q = sinkhorn_knopp_probs(x, 0.04, backend="eager")
     max_op, sum_op = str(dist.ReduceOp.MAX), str(dist.ReduceOp.SUM)
@@ -400,3 +394,52 @@ def test_two_processes_over_gloo_equal_one_on_the_concatenated_batch(tmp_path):
         assert calls == [(K, max_op)] + [(K, sum_op)] * 3  # as the eager path's
         torch.testing.assert_close(center, single_center, rtol=1e-5, atol=1e-5)
         assert rel_rms(q, single_q[rank * 7:(rank + 1) * 7]) <= PROB_RTOL
+
+
+# ---------------------------------------------------------------- compiled kernels, without a GPU
+
+_COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import dino_fast.kernels.sinkhorn as m
+
+def compile(fn, sig, consts):
+    # 16-aligned pointers and row strides, unit column strides (constexpr 1), as the launcher
+    # specialises them at runtime for contiguous inputs
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, ty in sig.items()
+             if ty.startswith("*") or n in ("x_row", "K")}
+    sig = dict(sig, **{n: "constexpr" for n in consts})
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": m.NUM_WARPS})
+    assert kernel.asm["cubin"], fn.__name__
+
+f32 = "*fp32"
+for x in ("*fp32", "*bf16", "*fp16"):
+    col = dict(X=x, x_row="i32", part_max=f32, part_sum=f32, n_rows="i32", K="i32",
+               rows_per_group="i32", inv_tau="fp32")
+    compile(m._column_lse_kernel, col, dict(x_col=1, BLOCK_R=m.COLUMN_BLOCK_ROWS,
+                                            BLOCK_K=m.COLUMN_BLOCK_K))
+    csum = dict(X=x, x_row="i32", LU=f32, row_lse=f32, part_sum=f32, n_rows="i32", K="i32",
+                rows_per_group="i32", inv_tau="fp32")
+    compile(m._column_sum_kernel, csum, dict(x_col=1, BLOCK_R=m.COLUMN_BLOCK_ROWS,
+                                             BLOCK_K=m.COLUMN_BLOCK_K))
+    row = dict(X=x, x_row="i32", LU=f32, row_lse=f32, Q=f32, n_rows="i32", K="i32",
+               inv_tau="fp32")
+    for rows in (1, m.ROW_MAX_BLOCK_ROWS):
+        for probs in (False, True):
+            compile(m._row_lse_kernel, row, dict(x_col=1, WRITE_PROBS=probs, BLOCK_R=rows,
+                                                 BLOCK_K=m.ROW_TILE // rows))
+compile(m._merge_column_lse_kernel, dict(part_max=f32, part_sum=f32, col_max=f32, col_sum=f32,
+                                         n_groups="i32", K="i32"), dict(BLOCK=1024))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tests run the compiled kernels")
+def test_sinkhorn_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter runs kernels the compiler may reject: compile each SK kernel for sm_90
+    (Triton ships ptxas), without TRITON_INTERPRET, with the launcher's CUDA block sizes."""
+    compile_for_hopper(_COMPILE_SCRIPT)
