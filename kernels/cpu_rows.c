@@ -24,12 +24,16 @@
 /* e^x for x <= 0 (x = y - max y): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-7
  * polynomial for e^r and 2^n from the exponent bits; about 1.4 ulp. Below -87.3 (e^x < 1.2e-38,
  * nothing next to a sum >= 1) it returns 0, so no denormal reaches the gradient; NaN stays NaN
- * (the exponent is clamped before its conversion to an integer). */
+ * (with no float-to-integer conversion of it). */
 static inline float exp_nonpositive(float x) {
     const float xc = x < -87.3f ? -87.3f : x;
-    float t = xc * 1.44269504088896341f;
-    float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest (1.5 * 2^23) */
-    n = n > -126.0f ? n : -126.0f;             /* and NaN -> -126: a defined conversion */
+    const float t = xc * 1.44269504088896341f;
+    /* n = round(t) from the low bits of t + 1.5 * 2^23; reading them as an unsigned integer is
+     * defined for any input (a NaN gives some bits, and p is NaN anyway) */
+    const float big = t + 12582912.0f;
+    uint32_t ub;
+    memcpy(&ub, &big, sizeof ub);
+    const float n = big - 12582912.0f;
     float r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -39,7 +43,7 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) * (1 << 23);
+    const uint32_t bits = (ub - 0x4B400000u + 127u) << 23; /* 2^n: n + 127 in the exponent */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return x < -87.3f ? 0.0f : p * scale;
