@@ -3,7 +3,9 @@
 - ``auto``: Triton when the tensors are on CUDA and Triton imports, eager otherwise.
 - ``triton``: on CUDA, or on CPU only under the Triton interpreter (``TRITON_INTERPRET=1`` set
   before any kernel module is imported); anything else raises a clear error.
-- ``eager``: plain PyTorch, the CPU production path and the reference of the fused kernels.
+- ``eager``: PyTorch, the CPU production path and the reference of the fused kernels (the soft
+  cross-entropy's fp32 CPU sweep runs a small C kernel, `dino_fast.cpu_kernels`, when a C
+  compiler builds it).
 
 Each op records the backend it ran (``last_backend`` attribute on the module), so the choice is
 never silent.

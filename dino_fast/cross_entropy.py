@@ -17,7 +17,10 @@ weights (iBOT: 1 / masked patches of the image). With Q_vb = sum_i W[v, i] q_ib,
 so one log-sum-exp per student row and one dot with Q per student row give the loss, and one
 softmax per row gives the gradient: no (B, K) tensor per crop pair.
 
-Eager path (CPU, and the reference of the Triton kernels): the samples are cut into chunks
+Eager path (CPU, and the reference of the Triton kernels). For fp32 tensors on a CPU it runs the
+C kernel of `dino_fast.cpu_kernels` (kernels/cpu_rows.c: per sample, the teacher softmaxes and
+three cache-resident sweeps per student row, the gradient written in the forward); where that
+cannot be built, and for other dtypes, the PyTorch ops below. Those cut the samples into chunks
 small enough for the working set to stay in the CPU caches; per chunk the teacher
 probabilities are computed once and every crop's rows are swept once. When the student needs a
 gradient and is fp32/fp64, the gradient is written in the same sweep and handed over by the
