@@ -9,7 +9,8 @@
  *     CE      = Qsum lse - <Q, y>  = Qsum log sum_k exp(y_k - m) - <Q, y - m>
  *     dCE/dS  = (Qsum softmax(y) - Q) / tau_s
  * ce[v * B + b] receives w_b CE and the gradient row f w_b (Qsum p - Q) (f: the caller's scale
- * / tau_s * grad_output). A row or teacher holding an inf or a NaN gives NaN.
+ * / tau_s * grad_output). A NaN or +inf in a student row, or an inf or NaN in a teacher row,
+ * gives NaN; a -inf student logit has probability 0 (CE +inf where Q > 0), as on the ops path.
  *
  * Built at first use by dino_fast.cpu_kernels with the system C compiler (-O3, -fopenmp-simd:
  * the SIMD pragmas only, no OpenMP runtime); the caller's threads each take a range of samples.
