@@ -25,8 +25,9 @@ small enough for the working set to stay in the CPU caches; per chunk the teache
 probabilities are computed once and every crop's rows are swept once. When the student needs a
 gradient and is fp32/fp64, the gradient is written in the same sweep and handed over by the
 backward: S is read once from memory and the gradient written once, as a softmax into a fresh
-tensor would. The only full-size allocation is that gradient (on CPU it asks for huge pages,
-so writing it does not cost one page fault per 4 KB); the work buffers are chunk-sized and
+tensor would. The only full-size allocation is that gradient (on CPU the memory of the last
+one is reused once nothing holds it, so a training step does not pay a page fault and the
+zeroing of every page it writes; see `empty_gradient`); the work buffers are chunk-sized and
 reused by every chunk.
 """
 from __future__ import annotations
@@ -35,7 +36,9 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -71,19 +74,71 @@ def _madvise():
     return fn
 
 
+REUSE_ENV = "DINO_FAST_REUSE_GRADIENT"
+REUSE_SLOTS = 2  # a DINO and an iBOT gradient per training step
+_reuse_lock = threading.Lock()
+_reuse: list = []  # flat CPU buffers of the last large gradients, most recently used first
+
+
+def _python_refs(slots: list, i: int) -> int:
+    return sys.getrefcount(slots[i])
+
+
+# references to an object held only by a list slot, counted as _unshared counts them
+_SLOT_REFS = _python_refs([object()], 0)
+
+
+def _unshared(slots: list, i: int) -> bool:
+    """Whether buffer i is held by nothing but the list: no other Python reference, no C++
+    owner (autograd, .grad, a view of it) and no other tensor on its storage."""
+    t = slots[i]
+    storage_refs = torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    del t
+    return _python_refs(slots, i) == _SLOT_REFS and slots[i]._use_count() == 1 and \
+        storage_refs == 2  # the buffer's and the temporary storage object's
+
+
+def release_cached_gradients() -> None:
+    """Frees the CPU gradient memory `empty_gradient` keeps for reuse."""
+    with _reuse_lock:
+        _reuse.clear()
+
+
 def empty_gradient(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty for a large gradient. On a Linux CPU the untouched pages are marked for
-    transparent huge pages (madvise; a no-op where the kernel does not offer them), so the
-    first write faults once per 2 MB instead of once per 4 KB: the page faults of a fresh
-    (rows, K) tensor otherwise cost as much as computing it, and their price varies by machine."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    madvise = _madvise() if out.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE else None
+    """torch.empty for a large gradient (a (rows, K) tensor that is written in full).
+
+    On a CPU, fresh memory costs a page fault and the zeroing of each page at its first write,
+    as much as computing the gradient, at a price that varies by machine. So the memory of the
+    last REUSE_SLOTS large CPU gradients is kept, and a request that fits in one of them gets a
+    view of it once nothing else holds it (in training: the next step's gradient reuses the
+    memory of this step's, already mapped). Otherwise the memory is fresh, its untouched pages
+    marked for transparent huge pages (madvise; a no-op where the kernel does not offer them),
+    one fault per 2 MB instead of per 4 KB. `release_cached_gradients()` frees the kept memory;
+    `DINO_FAST_REUSE_GRADIENT=0` turns the reuse off."""
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    large = torch.device(device).type == "cpu" and nbytes >= 4 * _HUGE_PAGE
+    reuse = large and os.environ.get(REUSE_ENV, "1").strip() != "0" and \
+        not torch.compiler.is_compiling()
+    if reuse:
+        with _reuse_lock:
+            for i in range(len(_reuse)):
+                if _reuse[i].dtype == dtype and _reuse[i].numel() >= numel and \
+                        _unshared(_reuse, i):
+                    _reuse.insert(0, _reuse.pop(i))
+                    return _reuse[0][:numel].view(shape)
+    out = torch.empty(numel if reuse else shape, dtype=dtype, device=device)
+    madvise = _madvise() if large else None
     if madvise is not None:
         start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
         end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
         if end > start:
             madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: failure changes nothing
+    if reuse:
+        with _reuse_lock:
+            _reuse.insert(0, out)
+            del _reuse[REUSE_SLOTS:]
+        return out.view(shape)
     return out
 
 

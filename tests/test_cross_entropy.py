@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from dino_fast import cpu_kernels
 from dino_fast.backend import interpreter_enabled, triton_available
-from dino_fast.cross_entropy import CHUNK_ELEMENTS, soft_cross_entropy
+from dino_fast import cross_entropy
+from dino_fast.cross_entropy import (CHUNK_ELEMENTS, empty_gradient, release_cached_gradients,
+                                      soft_cross_entropy)
 
 from reference import FUSED_GRAD_RTOL, GRAD_RTOL, LOSS_RTOL, literal_soft_cross_entropy, rel_rms
 
@@ -168,6 +170,7 @@ def test_no_buffer_of_the_students_size_but_the_gradient(backend_device, monkeyp
         sizes.append(n)
         return empty(*size, **kwargs)
 
+    release_cached_gradients()  # the gradient's memory is allocated, not a kept one reused
     monkeypatch.setattr(torch, "empty", spy)
     loss = soft_cross_entropy(student, teacher, table, student_temp=0.1, teacher_temp=0.04,
                               center=center, backend=backend)
@@ -297,3 +300,75 @@ def test_without_a_compiler_the_ops_run_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv(cpu_kernels.ENV, "yes")
     with pytest.raises(ValueError, match="DINO_FAST_CPU_KERNEL must be auto, 0 or 1"):
         soft_cross_entropy(student, teacher, DINO_2_2, student_temp=0.1, teacher_temp=0.04)
+
+
+# 16 MB of fp32: a gradient large enough for its memory to be kept for reuse (8 MB and up)
+KEPT = (64, 65536)
+
+
+def test_cpu_gradient_memory_is_reused_only_once_nothing_holds_it(monkeypatch):
+    release_cached_gradients()
+    a = empty_gradient(KEPT, torch.float32, torch.device("cpu"))
+    b = empty_gradient(KEPT, torch.float32, torch.device("cpu"))
+    pa, pb = a.data_ptr(), b.data_ptr()
+    assert pa != pb  # a is alive
+    del a
+    c = empty_gradient(KEPT, torch.float32, "cpu")
+    assert c.data_ptr() == pa and c.shape == KEPT
+    smaller = (40, 65536)
+    del c
+    d = empty_gradient(smaller, torch.float32, "cpu")  # fits in a kept buffer: a view of it
+    assert d.data_ptr() == pa and d.shape == smaller and d.is_contiguous()
+    row = b[3]  # a view keeps b's memory
+    del b
+    e = empty_gradient(KEPT, torch.float32, "cpu")
+    assert e.data_ptr() not in (pa, pb)
+    del row, d
+    held = {"grad": e}  # another reference to the tensor
+    f = empty_gradient(KEPT, torch.float32, "cpu")
+    assert f.data_ptr() != e.data_ptr()
+    del e, held["grad"]
+    assert empty_gradient(KEPT, torch.float64, "cpu").data_ptr() != f.data_ptr()  # dtype
+    small = empty_gradient((4, 1000), torch.float32, "cpu")  # small: not kept
+    assert all(buf.data_ptr() != small.data_ptr() for buf in cross_entropy._reuse)
+    assert len(cross_entropy._reuse) == cross_entropy.REUSE_SLOTS
+    release_cached_gradients()
+    monkeypatch.setenv(cross_entropy.REUSE_ENV, "0")
+    g = empty_gradient(KEPT, torch.float32, "cpu")
+    del g
+    empty_gradient(KEPT, torch.float32, "cpu")
+    assert cross_entropy._reuse == []
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS[:2])
+def test_training_steps_reuse_gradient_memory_and_leave_held_gradients_alone(backend_device):
+    # 4 student x 2 teacher crops of 8 samples at K = 65536: an 8 MB gradient. Step 1's
+    # gradient is held by a hook: step 2 must write elsewhere and leave it as it was; step 3
+    # reuses step 2's memory (nothing holds it); every step matches the literal loop
+    backend, device = backend_device
+    table = [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    release_cached_gradients()
+    held, addresses = [], []
+    for step in range(3):
+        student, teacher, center, _ = _inputs(table, 8, 65536, torch.float32, "logits+center",
+                                              False, device, seed=step)
+        leaf = student.clone().requires_grad_()
+        s = leaf * 1.0  # a non-leaf output, as a head's
+        if step == 0:
+            s.register_hook(lambda g: held.append(g))
+        s.register_hook(lambda g: addresses.append(g.data_ptr()))
+        loss = soft_cross_entropy(s, teacher, table, student_temp=0.1, teacher_temp=0.04,
+                                  center=center, backend=backend)
+        loss.backward()
+        if step == 0:
+            kept = held[0].clone()
+        s_ref = student.double().requires_grad_()
+        ref = literal_soft_cross_entropy(s_ref, teacher.double(), table, 0.1, 0.04,
+                                         center.double())
+        ref.backward()
+        assert rel_rms(loss.detach(), ref) <= LOSS_RTOL[torch.float32]
+        assert rel_rms(leaf.grad, s_ref.grad) <= GRAD_RTOL[torch.float32]
+        del s, loss, leaf
+    assert addresses[1] != addresses[0] and addresses[2] == addresses[1]
+    assert torch.equal(held[0], kept)
+    release_cached_gradients()
