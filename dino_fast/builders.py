@@ -20,8 +20,8 @@ from dino_fast.models import build_vit
 
 
 def build_backbone(args: argparse.Namespace, teacher: bool = False) -> nn.Module:
-    """The run's ViT (`build_vit` with --arch, --patch_size, --image_size, --depth, --embed_dim,
-    --num_heads; 0 keeps the architecture's value), with DINOv2's mask token when the run has
+    """The run's ViT (`build_vit` with --arch, --patch_size, --patch_embed, --image_size, --depth,
+    --embed_dim, --num_heads; 0 keeps the architecture's value), with DINOv2's mask token when the run has
     iBOT on (`args.use_mask_token`, set by the argument checks).
 
     Args:
@@ -36,7 +36,8 @@ def build_backbone(args: argparse.Namespace, teacher: bool = False) -> nn.Module
                  if getattr(args, k)}
     return build_vit(args.arch, args.patch_size, img_size=args.image_size,
                      drop_path_rate=0.0 if teacher else args.drop_path_rate,
-                     mask_token=bool(getattr(args, "use_mask_token", False)), **overrides)
+                     mask_token=bool(getattr(args, "use_mask_token", False)),
+                     patch_embed=getattr(args, "patch_embed", "linear"), **overrides)
 
 
 def build_head(args: argparse.Namespace, embed_dim: int) -> nn.Module:

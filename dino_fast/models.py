@@ -17,6 +17,7 @@ from functools import partial
 from typing import NamedTuple, Optional, Union
 
 import torch
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -33,13 +34,16 @@ _FIXED_VIT_ARGS = {"num_classes": 0, "global_pool": "token", "class_token": True
                    "dynamic_img_size": True}
 
 
+PATCH_EMBEDS = ("linear", "conv")
+
+
 def check_vit_args(arch: str, patch_size: int, img_size: int, drop_path_rate: float = 0.0,
                    embed_dim: int = 0, num_heads: int = 0,
-                   names: Optional[Mapping[str, str]] = None) -> None:
+                   names: Optional[Mapping[str, str]] = None, patch_embed: str = "linear") -> None:
     """Raise ValueError unless `build_vit` can build this ViT.
 
     Args:
-        arch, patch_size, img_size, drop_path_rate: as `build_vit`.
+        arch, patch_size, img_size, drop_path_rate, patch_embed: as `build_vit`.
         embed_dim, num_heads: the overrides; 0 keeps the architecture's own.
         names: how the messages name each argument (the training script passes its flags,
             e.g. {"img_size": "--image_size"}); by default the argument names.
@@ -55,6 +59,11 @@ def check_vit_args(arch: str, patch_size: int, img_size: int, drop_path_rate: fl
     if img_size % patch_size:
         raise ValueError(f"{n('img_size')}={img_size} must be a multiple of "
                          f"{n('patch_size')}={patch_size}")
+    if patch_embed not in PATCH_EMBEDS:
+        raise ValueError(f"{n('patch_embed')} must be one of {PATCH_EMBEDS}, got {patch_embed!r}")
+    if patch_embed == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
+        raise ValueError(f"{n('patch_embed')}=conv needs {n('patch_size')} a power of two (one "
+                         f"stride-2 convolution per halving), got {patch_size}")
     if not 0.0 <= float(drop_path_rate) < 1.0:
         raise ValueError(f"{n('drop_path_rate')} must be in [0, 1), got {drop_path_rate!r}")
     width = embed_dim or VIT_ARCHS[arch][0]
@@ -62,6 +71,28 @@ def check_vit_args(arch: str, patch_size: int, img_size: int, drop_path_rate: fl
     if width % heads:
         raise ValueError(f"{n('embed_dim')}={width} must be a multiple of "
                          f"{n('num_heads')}={heads}")
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """timm's PatchEmbed with its one-layer patchify (a patch_size-strided convolution) replaced
+    by a convolutional stem, after Xiao et al. 2021 ("Early convolutions help transformers see
+    better"): log2(patch_size) 3x3 stride-2 convolutions, each followed by a GELU, their widths
+    doubling up to embed_dim (embed_dim / 4, / 2, 1 for patch 8), then a 1x1 convolution. Same
+    token grid and output as PatchEmbed at any input size that patch_size divides; no
+    normalisation layer, so no running statistics for the teacher to track. The module keys are
+    `patch_embed.proj.{0,2,4,...}.*` (official DINO checkpoints hold a linear patch embedding)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        halvings = self.patch_size[0].bit_length() - 1
+        width, channels = self.proj.out_channels, self.proj.in_channels
+        layers = []
+        for i in range(halvings):
+            out = max(1, width >> (halvings - 1 - i))
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+            channels = out
+        layers.append(nn.Conv2d(channels, width, 1))
+        self.proj = nn.Sequential(*layers)
 
 
 class TokenVisionTransformer(VisionTransformer):
@@ -113,7 +144,7 @@ class TokenVisionTransformer(VisionTransformer):
 
 
 def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224,
-              drop_path_rate: float = 0.0, mask_token: bool = False,
+              drop_path_rate: float = 0.0, mask_token: bool = False, patch_embed: str = "linear",
               **overrides) -> nn.Module:
     """A timm VisionTransformer with the official DINO settings, randomly initialised.
 
@@ -128,6 +159,9 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
             student).
         mask_token: add DINOv2's learnable mask token (for the iBOT masked-patch loss; see
             `TokenVisionTransformer`).
+        patch_embed: "linear", the official ViT's patchify layer, or "conv", a small
+            convolutional stem with the same token grid (`ConvStemPatchEmbed`; patch_size a
+            power of two), for small images and short schedules.
         overrides: other VisionTransformer arguments, e.g. depth=2, embed_dim=64, num_heads=2 for
             a quick CPU model, or reg_tokens=4. num_classes, global_pool, class_token and
             dynamic_img_size are fixed, and nothing is ever downloaded (no `pretrained`; use
@@ -149,7 +183,8 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
     from timm.layers import LayerNorm
 
     check_vit_args(arch, patch_size, img_size, drop_path_rate,
-                   overrides.get("embed_dim", 0), overrides.get("num_heads", 0))
+                   overrides.get("embed_dim", 0), overrides.get("num_heads", 0),
+                   patch_embed=patch_embed)
     if "pretrained" in overrides:
         raise ValueError("build_vit never downloads weights (no `pretrained`); build the model and "
                          "call dino_fast.checkpoint.load_official_checkpoint(model, path) instead")
@@ -161,6 +196,8 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
     kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                   num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
                   norm_layer=partial(LayerNorm, eps=1e-6), drop_path_rate=float(drop_path_rate))
+    if patch_embed == "conv":
+        kwargs["embed_layer"] = ConvStemPatchEmbed
     kwargs.update(overrides)
     kwargs.update(_FIXED_VIT_ARGS)
     vit = TokenVisionTransformer(mask_token=mask_token, **kwargs)

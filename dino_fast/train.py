@@ -215,7 +215,8 @@ def train_dino(args: argparse.Namespace) -> dict:
     student = distributed.wrap_ddp(student, env)
     n_params = sum(p.numel() for p in student_backbone.parameters())
     say(f"model: {args.arch} depth {len(student_backbone.blocks)}, width {embed_dim}, patch "
-        f"{args.patch_size} at {args.image_size} px, {n_params / 1e6:.2f} M backbone parameters; "
+        f"{args.patch_size}{' (conv stem)' if args.patch_embed == 'conv' else ''} at "
+        f"{args.image_size} px, {n_params / 1e6:.2f} M backbone parameters; "
         f"head out_dim {args.out_dim}")
     say(f"recipe: {args.centering} teacher"
         + (f", iBOT x {args.ibot_loss_weight:g} ("

@@ -21,7 +21,7 @@ from dino_fast.backend import interpreter_enabled, triton_available
 from dino_fast.checks import check_int, check_positive, check_unit_interval
 from dino_fast.data import build_dataset, eval_split
 from dino_fast.masking import check_mask_ratio
-from dino_fast.models import VIT_ARCHS, check_vit_args
+from dino_fast.models import PATCH_EMBEDS, VIT_ARCHS, check_vit_args
 from dino_fast.optim import OPTIMIZERS
 
 # Defaults that depend on the data set: (the quick CPU demo on the procedural images, real data).
@@ -38,12 +38,13 @@ DATASET_DEFAULTS = {
 
 # Arguments that fix the shapes of the saved networks: a checkpoint resumes only with the same.
 # (use_mask_token and ibot_separate_head are derived by validate_args from the iBOT flags.)
-MODEL_ARGS = ("arch", "patch_size", "depth", "embed_dim", "num_heads", "image_size", "out_dim",
+MODEL_ARGS = ("arch", "patch_size", "patch_embed", "depth", "embed_dim", "num_heads",
+              "image_size", "out_dim",
               "head_hidden_dim", "head_bottleneck_dim", "use_bn_in_head", "norm_last_layer",
               "local_crops_number", "use_mask_token", "ibot_separate_head", "ibot_out_dim")
 
 # What a checkpoint written before a flag existed was trained with (its args lack the key).
-LEGACY_ARGS = {"use_mask_token": False, "ibot_separate_head": False, "ibot_out_dim": 0,
+LEGACY_ARGS = {"patch_embed": "linear", "use_mask_token": False, "ibot_separate_head": False, "ibot_out_dim": 0,
                "recipe": "dino", "centering": "centering", "ibot_loss_weight": 0.0,
                "koleo_loss_weight": 0.0, "mask_ratio_min_max": [0.1, 0.5],
                "mask_sample_probability": 0.5, "augmentation": "pil"}
@@ -66,7 +67,8 @@ RECIPES = {
 
 # how check_vit_args names build_vit's arguments in the messages
 _VIT_FLAGS = {"arch": "--arch", "patch_size": "--patch_size", "drop_path_rate": "--drop_path_rate",
-              "embed_dim": "--embed_dim", "num_heads": "--num_heads"}
+              "embed_dim": "--embed_dim", "num_heads": "--num_heads",
+              "patch_embed": "--patch_embed"}
 
 
 def bool_flag(s: str) -> bool:
@@ -95,6 +97,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="size in pixels of the ViT patches. The paper uses 16 (or 8: better, "
                         "but 4x the tokens) at 224 px. At 32 px, 8 (4x4 patches) is the quick "
                         "CPU demo; 4 sees finer shapes at 4x the cost.")
+    p.add_argument("--patch_embed", default="linear", choices=PATCH_EMBEDS,
+                   help="how images become patch tokens: linear, the official ViT's patchify "
+                        "layer, or conv, a small convolutional stem with the same token grid "
+                        "(log2(patch_size) stride-2 3x3 convolutions; patch_size a power of "
+                        "two), which learns faster on small images and short schedules")
     p.add_argument("--depth", default=4, type=int,
                    help="number of transformer blocks; 0 keeps the architecture's own (12 for "
                         "every official ViT). The default 4 is the quick CPU model.")
@@ -327,7 +334,8 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             check_crop_size(getattr(args, name), f"--{name}")
             check_vit_args(args.arch, args.patch_size, getattr(args, name), args.drop_path_rate,
                            args.embed_dim, args.num_heads,
-                           names={**_VIT_FLAGS, "img_size": f"--{name}"})
+                           names={**_VIT_FLAGS, "img_size": f"--{name}"},
+                           patch_embed=args.patch_embed)
     except (TypeError, ValueError) as exc:
         fail(str(exc))
     check_recipe_args(args, fail)

@@ -79,12 +79,41 @@ def test_vit_drop_path_rate_reaches_the_blocks_and_is_random_only_in_training():
     (dict(img_size=30, patch_size=4), "multiple of patch_size"),
     (dict(embed_dim=30, num_heads=4), "multiple of num_heads"),
     (dict(drop_path_rate=1.5), "drop_path_rate"),
+    (dict(patch_embed="patchify"), "patch_embed must be one of"),
+    (dict(patch_embed="conv", patch_size=6, img_size=24), "power of two"),
+    (dict(patch_embed="conv", patch_size=1), "power of two"),
 ])
 def test_build_vit_rejects_bad_arguments(kwargs, match):
     args = dict(arch="vit_tiny", patch_size=4, img_size=16, depth=1)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         build_vit(**args)
+
+
+def test_conv_stem_gives_the_patchify_grid_at_every_resolution_and_learns():
+    torch.manual_seed(0)
+    vit = build_vit("vit_tiny", patch_size=8, img_size=32, depth=1, embed_dim=96, num_heads=3,
+                    patch_embed="conv", mask_token=True)
+    linear = build_vit("vit_tiny", patch_size=8, img_size=32, depth=1, embed_dim=96, num_heads=3)
+    stem = vit.patch_embed.proj
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    # 3 stride-2 3x3 convolutions 3 -> 24 -> 48 -> 96, then 1x1 96 -> 96
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 24, (3, 3), (2, 2)), (24, 48, (3, 3), (2, 2)), (48, 96, (3, 3), (2, 2)),
+        (96, 96, (1, 1), (1, 1))]
+    assert "patch_embed.proj.0.weight" in vit.state_dict()
+    for size, n in ((32, 16), (16, 4)):
+        x = torch.randn(2, 3, size, size)
+        cls, patches = vit(x, return_patch_tokens=True)
+        _, lin_patches = linear(x, return_patch_tokens=True)
+        assert cls.shape == (2, 96) and patches.shape == lin_patches.shape == (2, n, 96)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, 3] = True
+    cls, _ = vit(torch.randn(2, 3, 32, 32), masks=masks, return_patch_tokens=True)
+    cls.square().sum().backward()
+    assert convs[0].weight.grad.abs().sum() > 0 and vit.mask_token.grad.abs().sum() > 0
+    attn, grid = last_selfattention(vit.eval(), torch.randn(1, 3, 32, 32))
+    assert grid == (4, 4) and attn.shape[-1] == 16
 
 
 # ------------------------------------------------------------------------------------ head

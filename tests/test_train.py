@@ -97,6 +97,16 @@ def test_knn_on_a_checkpoint_reproduces_the_final_figure_of_training(tiny_run):
     assert alone["knn_top5"] == result["knn_after"]["knn_top5"]
 
 
+def test_a_conv_stem_run_trains_and_its_checkpoint_rebuilds_for_knn(tmp_path, capsys):
+    result = run(tmp_path, "--patch_embed", "conv", "--epochs", "1", "--knn_before", "false",
+                 "--attention_images", "1")
+    assert "patch 4 (conv stem) at 16 px" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert "backbone.patch_embed.proj.0.weight" in ckpt["teacher"]
+    alone = knn.run(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--device", "cpu"])
+    assert alone["knn_top1"] == result["knn_after"]["knn_top1"]
+
+
 @pytest.mark.parametrize("augmentation", ["pil", "batched"])
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, augmentation):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -170,6 +180,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     (["--global_crops_scale", "0.8", "0.3"], "0 < min <= max <= 1"),
     (["--lr", "0"], "--lr must be a positive finite number"),
     (["--resume"], "no checkpoint at"),
+    (["--patch_embed", "conv", "--patch_size", "6", "--image_size", "18", "--local_crop_size",
+      "6"], "--patch_embed=conv needs --patch_size a power of two"),
 ])
 def test_bad_flags_are_rejected_before_any_work(tmp_path, capsys, flags, message):
     assert_rejected_before_any_work(tmp_path / "out", flags, message, capsys)
