@@ -108,34 +108,44 @@ static double student_row(const float *s, const float *q, float qscale, double q
     }
     const float ym = m * inv_s;
 
-    /* sweep 2: sum of exp(y - m) and <Q, y - m> */
+    /* sweep 2: sum of exp(y - m) and <Q, y - m>; exp(y - m) kept in the gradient row (in
+     * the cache: the row is written back only once, by sweep 3) */
     double sum = 0.0, d = 0.0;
     for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
         const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
         float bs = 0.0f, bd = 0.0f;
+        if (out) {
 #pragma omp simd reduction(+ : bs, bd)
-        for (int64_t k = k0; k < k1; ++k) {
-            const float t = s[k] * inv_s - ym;
-            bs += exp_nonpositive(t);
-            bd += q[k] * t;
+            for (int64_t k = k0; k < k1; ++k) {
+                const float t = s[k] * inv_s - ym;
+                const float e = exp_nonpositive(t);
+                out[k] = e;
+                bs += e;
+                bd += q[k] * t;
+            }
+        } else {
+#pragma omp simd reduction(+ : bs, bd)
+            for (int64_t k = k0; k < k1; ++k) {
+                const float t = s[k] * inv_s - ym;
+                bs += exp_nonpositive(t);
+                bd += q[k] * t;
+            }
         }
         sum += bs;
         d += bd;
     }
 
-    /* sweep 3: the gradient, exp(y - m) (fw Qsum / sum) - fw Q, exp recomputed (cheaper than
-     * storing it in sweep 2 and reading it back), a block at a time into an L1 buffer that is
-     * streamed to out; where p is one-hot on Q's support (K = 1, say) the two products are the
-     * same float and cancel exactly */
+    /* sweep 3: the gradient, exp(y - m) (fw Qsum / sum) - fw Q, a block at a time into an L1
+     * buffer that is streamed to out; where p is one-hot on Q's support (K = 1, say) the two
+     * products are the same float and cancel exactly */
     if (out) {
         const float pa = fw * (float)(qsum / sum), qa = fw * qscale;
         float buf[BLOCK] __attribute__((aligned(64)));
         for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
             const int64_t n = k0 + BLOCK < K ? BLOCK : K - k0;
-            const float *sb = s + k0, *qb = q + k0;
+            const float *eb = out + k0, *qb = q + k0;
 #pragma omp simd
-            for (int64_t k = 0; k < n; ++k)
-                buf[k] = exp_nonpositive(sb[k] * inv_s - ym) * pa - qa * qb[k];
+            for (int64_t k = 0; k < n; ++k) buf[k] = eb[k] * pa - qa * qb[k];
             stream_copy(out + k0, buf, n);
         }
     }
