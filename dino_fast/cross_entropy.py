@@ -104,6 +104,22 @@ def release_cached_gradients() -> None:
         _reuse.clear()
 
 
+def _forget_cached_gradients() -> None:  # a forked child: a fresh lock, none of the buffers
+    global _reuse_lock
+    _reuse_lock = threading.Lock()
+    _reuse.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_cached_gradients)
+
+
+def _dispatch_mode_active() -> bool:
+    """A torch dispatch mode (FakeTensorMode, say) is on: its tensors are not memory."""
+    stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return bool(stack_len and stack_len())
+
+
 def empty_gradient(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.empty for a large gradient (a (rows, K) tensor that is written in full).
 
@@ -119,15 +135,17 @@ def empty_gradient(shape, dtype: torch.dtype, device: torch.device) -> torch.Ten
     nbytes = numel * dtype.itemsize
     large = torch.device(device).type == "cpu" and nbytes >= 4 * _HUGE_PAGE
     reuse = large and os.environ.get(REUSE_ENV, "1").strip() != "0" and \
-        not torch.compiler.is_compiling()
+        not torch.compiler.is_compiling() and not _dispatch_mode_active()
     if reuse:
         with _reuse_lock:
-            for i in range(len(_reuse)):
-                if _reuse[i].dtype == dtype and _reuse[i].numel() >= numel and \
-                        _unshared(_reuse, i):
-                    _reuse.insert(0, _reuse.pop(i))
-                    return _reuse[0][:numel].view(shape)
+            fits = [i for i in range(len(_reuse)) if _reuse[i].dtype == dtype and
+                    _reuse[i].numel() >= numel and _unshared(_reuse, i)]
+            if fits:  # the smallest that fits (a DINO and an iBOT gradient of varying size)
+                i = min(fits, key=lambda j: _reuse[j].numel())
+                _reuse.insert(0, _reuse.pop(i))
+                return _reuse[0][:numel].view(shape)
     out = torch.empty(numel if reuse else shape, dtype=dtype, device=device)
+    reuse = reuse and type(out) is torch.Tensor  # not a fake or other subclass tensor
     madvise = _madvise() if large else None
     if madvise is not None:
         start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE

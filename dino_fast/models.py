@@ -84,14 +84,19 @@ class ConvStemPatchEmbed(PatchEmbed):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        halvings = self.patch_size[0].bit_length() - 1
+        p = self.patch_size[0]
+        if self.patch_size[1] != p or p < 2 or p & (p - 1):
+            raise ValueError(f"the convolutional stem needs a square patch whose side is a power "
+                             f"of two, got {self.patch_size}")
+        halvings = p.bit_length() - 1
         width, channels = self.proj.out_channels, self.proj.in_channels
+        bias = self.proj.bias is not None
         layers = []
         for i in range(halvings):
             out = max(1, width >> (halvings - 1 - i))
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=bias), nn.GELU()]
             channels = out
-        layers.append(nn.Conv2d(channels, width, 1))
+        layers.append(nn.Conv2d(channels, width, 1, bias=bias))
         self.proj = nn.Sequential(*layers)
 
 

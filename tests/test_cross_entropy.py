@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_fast import cpu_kernels
+from dino_fast import cpu_kernels, cross_entropy
 from dino_fast.backend import interpreter_enabled, triton_available
-from dino_fast import cross_entropy
-from dino_fast.cross_entropy import (CHUNK_ELEMENTS, empty_gradient, release_cached_gradients,
-                                      soft_cross_entropy)
+from dino_fast.cross_entropy import (
+    CHUNK_ELEMENTS,
+    empty_gradient,
+    release_cached_gradients,
+    soft_cross_entropy,
+)
 
 from reference import FUSED_GRAD_RTOL, GRAD_RTOL, LOSS_RTOL, literal_soft_cross_entropy, rel_rms
 
@@ -324,11 +327,15 @@ def test_cpu_gradient_memory_is_reused_only_once_nothing_holds_it(monkeypatch):
     e = empty_gradient(KEPT, torch.float32, "cpu")
     assert e.data_ptr() not in (pa, pb)
     del row, d
-    held = {"grad": e}  # another reference to the tensor
+    pe = e.data_ptr()
+    held = [e]  # another Python reference to the tensor
+    del e
     f = empty_gradient(KEPT, torch.float32, "cpu")
-    assert f.data_ptr() != e.data_ptr()
-    del e, held["grad"]
-    assert empty_gradient(KEPT, torch.float64, "cpu").data_ptr() != f.data_ptr()  # dtype
+    assert f.data_ptr() == pa  # the free one, not e's
+    del held
+    pf = f.data_ptr()
+    del f
+    assert empty_gradient(KEPT, torch.float64, "cpu").data_ptr() not in (pe, pf)  # dtype
     small = empty_gradient((4, 1000), torch.float32, "cpu")  # small: not kept
     assert all(buf.data_ptr() != small.data_ptr() for buf in cross_entropy._reuse)
     assert len(cross_entropy._reuse) == cross_entropy.REUSE_SLOTS
@@ -371,4 +378,27 @@ def test_training_steps_reuse_gradient_memory_and_leave_held_gradients_alone(bac
         del s, loss, leaf
     assert addresses[1] != addresses[0] and addresses[2] == addresses[1]
     assert torch.equal(held[0], kept)
+    release_cached_gradients()
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS[:2])
+def test_a_leaf_students_accumulated_gradient_is_never_overwritten(backend_device):
+    # the engine may hand the loss's gradient buffer itself to leaf.grad; three steps accumulate
+    # into it (no zeroing) while each forward asks for gradient memory again
+    backend, device = backend_device
+    table = [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    release_cached_gradients()
+    student, teacher, center, _ = _inputs(table, 8, 65536, torch.float32, "logits+center",
+                                          False, device)
+    leaf = student.clone().requires_grad_()
+    expected = torch.zeros_like(student, dtype=torch.float64)
+    for step in range(3):
+        t = teacher * (1.0 + step)
+        soft_cross_entropy(leaf, t, table, student_temp=0.1, teacher_temp=0.04, center=center,
+                           backend=backend).backward()
+        s_ref = student.double().requires_grad_()
+        literal_soft_cross_entropy(s_ref, t.double(), table, 0.1, 0.04,
+                                   center.double()).backward()
+        expected += s_ref.grad
+        assert rel_rms(leaf.grad, expected) <= GRAD_RTOL[torch.float32]
     release_cached_gradients()
