@@ -258,6 +258,13 @@ def load_official_checkpoint(module: nn.Module, state_dict_or_path, key: Optiona
         raise ValueError(f"no key of {source} matches {type(target).__name__}: the checkpoint "
                          f"has keys like {sorted(state)[:3]}, the module expects keys like "
                          f"{sorted(wanted)[:3]}")
+    ours_conv = "patch_embed.proj.0.weight" in wanted
+    if ours_conv != ("patch_embed.proj.0.weight" in best) and \
+            "patch_embed.proj.weight" in (best if ours_conv else wanted):
+        have, need = ("linear", "conv") if ours_conv else ("conv", "linear")
+        raise ValueError(f"{source} holds a {have} patch embedding but the ViT has a {need} one: "
+                         f"build it with build_vit(..., patch_embed={have!r}) "
+                         f"(--patch_embed {have})")
     _resample_pos_embed(target, best)
     try:
         return target.load_state_dict(best, strict=strict)

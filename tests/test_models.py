@@ -408,6 +408,12 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
         load_official_checkpoint(tiny_vit(depth=1, embed_dim=64), ckpt)
     with pytest.raises(RuntimeError, match="Missing key"):
         load_official_checkpoint(tiny_vit(depth=2), ckpt)  # a deeper model than the checkpoint
+    with pytest.raises(ValueError, match="holds a linear patch embedding but the ViT has a conv "
+                                         "one.*--patch_embed linear"):
+        load_official_checkpoint(tiny_vit(depth=1, patch_embed="conv"), ckpt)
+    conv = tiny_vit(depth=1, patch_embed="conv")
+    with pytest.raises(ValueError, match="holds a conv patch embedding.*--patch_embed conv"):
+        load_official_checkpoint(tiny_vit(depth=1), {"model": conv.state_dict()}, key="model")
 
 
 # ------------------------------------------------------------------------------------ compile
