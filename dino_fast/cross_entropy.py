@@ -144,9 +144,11 @@ def empty_gradient(shape, dtype: torch.dtype, device: torch.device) -> torch.Ten
                 i = min(fits, key=lambda j: _reuse[j].numel())
                 _reuse.insert(0, _reuse.pop(i))
                 return _reuse[0][:numel].view(shape)
-    out = torch.empty(numel if reuse else shape, dtype=dtype, device=device)
-    reuse = reuse and type(out) is torch.Tensor  # not a fake or other subclass tensor
-    madvise = _madvise() if large else None
+    flat = reuse
+    out = torch.empty(numel if flat else shape, dtype=dtype, device=device)
+    real = type(out) is torch.Tensor  # not a fake or other subclass tensor without memory
+    reuse = reuse and real
+    madvise = _madvise() if large and real else None
     if madvise is not None:
         start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
         end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
@@ -156,8 +158,7 @@ def empty_gradient(shape, dtype: torch.dtype, device: torch.device) -> torch.Ten
         with _reuse_lock:
             _reuse.insert(0, out)
             del _reuse[REUSE_SLOTS:]
-        return out.view(shape)
-    return out
+    return out.view(shape) if flat else out
 
 
 # --------------------------------------------------------------------------- eager sweep

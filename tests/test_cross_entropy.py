@@ -339,6 +339,12 @@ def test_cpu_gradient_memory_is_reused_only_once_nothing_holds_it(monkeypatch):
     small = empty_gradient((4, 1000), torch.float32, "cpu")  # small: not kept
     assert all(buf.data_ptr() != small.data_ptr() for buf in cross_entropy._reuse)
     assert len(cross_entropy._reuse) == cross_entropy.REUSE_SLOTS
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    kept = [b.data_ptr() for b in cross_entropy._reuse]
+    with FakeTensorMode():  # tracing: fake tensors, never a kept buffer
+        fake = empty_gradient(KEPT, torch.float32, "cpu")
+    assert fake.shape == KEPT and type(fake) is not torch.Tensor
+    assert [b.data_ptr() for b in cross_entropy._reuse] == kept
     release_cached_gradients()
     monkeypatch.setenv(cross_entropy.REUSE_ENV, "0")
     g = empty_gradient(KEPT, torch.float32, "cpu")
