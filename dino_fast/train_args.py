@@ -39,15 +39,14 @@ DATASET_DEFAULTS = {
 # Arguments that fix the shapes of the saved networks: a checkpoint resumes only with the same.
 # (use_mask_token and ibot_separate_head are derived by validate_args from the iBOT flags.)
 MODEL_ARGS = ("arch", "patch_size", "patch_embed", "depth", "embed_dim", "num_heads",
-              "image_size", "out_dim",
-              "head_hidden_dim", "head_bottleneck_dim", "use_bn_in_head", "norm_last_layer",
-              "local_crops_number", "use_mask_token", "ibot_separate_head", "ibot_out_dim")
+              "image_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "use_bn_in_head",
+              "norm_last_layer", "local_crops_number", "use_mask_token", "ibot_separate_head",
+              "ibot_out_dim")
 
 # What a checkpoint written before a flag existed was trained with (its args lack the key).
 LEGACY_ARGS = {"patch_embed": "linear", "use_mask_token": False, "ibot_separate_head": False,
-               "ibot_out_dim": 0,
-               "recipe": "dino", "centering": "centering", "ibot_loss_weight": 0.0,
-               "koleo_loss_weight": 0.0, "mask_ratio_min_max": [0.1, 0.5],
+               "ibot_out_dim": 0, "recipe": "dino", "centering": "centering",
+               "ibot_loss_weight": 0.0, "koleo_loss_weight": 0.0, "mask_ratio_min_max": [0.1, 0.5],
                "mask_sample_probability": 0.5, "augmentation": "pil"}
 
 # The objective's flags: a resume that changes one warns (the run is no longer the
@@ -102,8 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="how images become patch tokens: linear, the official ViT's patchify "
                         "layer, or conv, a small convolutional stem with the same token grid "
                         "(log2(patch_size) stride-2 3x3 convolutions; patch_size a power of "
-                        "two), for small images (1.6 points more k-NN on CIFAR-10 in 29 CPU "
-                        "minutes, one seed: benchmarks/RESULTS.md)")
+                        "two), for small images (on CIFAR-10 about 4 points of k-NN ahead "
+                        "after 8 epochs, within seed noise at the end: benchmarks/RESULTS.md)")
     p.add_argument("--depth", default=4, type=int,
                    help="number of transformer blocks; 0 keeps the architecture's own (12 for "
                         "every official ViT). The default 4 is the quick CPU model.")
