@@ -6,7 +6,9 @@ The timm `VisionTransformer` has the same parameter names as the official DINO V
 mlp.fc1,mlp.fc2}.*`, `norm.*`), so official checkpoints load without renaming. Differences from
 the official ViT, none of which changes a key: the position embeddings of another resolution are
 resampled by timm (bicubic, antialiased when shrinking) instead of the official bicubic
-`scale_factor` interpolation, and the attention runs fused (scaled_dot_product_attention).
+`scale_factor` interpolation, and the attention runs fused (scaled_dot_product_attention),
+except for bf16 on the CPU on short sequences, where the explicit softmax is faster
+(`Attention`).
 Official checkpoints load with `dino_fast.checkpoint.load_official_checkpoint`.
 """
 from __future__ import annotations
@@ -98,6 +100,77 @@ class ConvStemPatchEmbed(PatchEmbed):
             channels = out
         layers.append(nn.Conv2d(channels, width, 1, bias=bias))
         self.proj = nn.Sequential(*layers)
+
+
+# Below these sequence lengths the explicit attention beats F.scaled_dot_product_attention for
+# bf16 on the CPU: forward and backward on a 2-core AMD EPYC VM (torch 2.14.1, bf16, heads of
+# 32), 128 x 3 heads x 17 tokens: 2.6 vs 21 ms; 5 tokens: 3.4 vs 12 ms; 65 tokens: 22 vs 56 ms;
+# 129 tokens: 35 vs 65 ms; 197 tokens (heads of 64): 83 vs 103 ms. Forward only the explicit form
+# wins up to 37 tokens (2.7 vs 3.3 ms) and loses from 65 (9.2 vs 5.9 ms); at 785 tokens the fused
+# kernel wins both ways. A width-96 ViT/8 (4 blocks, conv stem) at 32 px, batch 64, forward and
+# backward under bf16 autocast: 36.6 vs 72-74 ms. fp16 on the CPU is slow either way (about
+# 0.7 s for that step, no difference measured); in fp32 and on CUDA the fused kernel is used at
+# every length.
+EXPLICIT_ATTENTION_MAX_TOKENS = 48
+EXPLICIT_ATTENTION_MAX_TOKENS_WITH_GRAD = 256
+
+
+def explicit_attention_faster(q: torch.Tensor) -> bool:
+    """Whether `Attention` computes softmax(q k^T / sqrt(d)) v explicitly for this query tensor
+    (B, heads, N, head_dim) instead of calling F.scaled_dot_product_attention: only bf16 on the
+    CPU, where the fused kernel (above all its backward) is several times slower on short
+    sequences; see EXPLICIT_ATTENTION_MAX_TOKENS(_WITH_GRAD)."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return False
+    limit = (EXPLICIT_ATTENTION_MAX_TOKENS_WITH_GRAD if torch.is_grad_enabled() and q.requires_grad
+             else EXPLICIT_ATTENTION_MAX_TOKENS)
+    return q.shape[-2] <= limit
+
+
+class Attention(nn.Module):
+    """timm's multi-head self-attention (the same submodules, parameters and keys: `qkv`, `proj`)
+    that picks its kernel per call: F.scaled_dot_product_attention, or the explicit
+    softmax(q k^T / sqrt(d)) v with the softmax in fp32 where that is faster
+    (`explicit_attention_faster`: bf16 on the CPU, short sequences). Both compute the same
+    function; `build_vit` puts it in every block in place of timm's, taking over that module's
+    layers (so the initialisation is timm's). Attention masks and causal attention go to the
+    fused kernel."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
+        self.attn_drop, self.proj, self.proj_drop = attn.attn_drop, attn.proj, attn.proj_drop
+
+    @staticmethod
+    def replaces(attn: nn.Module) -> bool:
+        """Whether `attn` (a timm Attention) computes exactly what this module computes: no
+        normalisation of q, k or the output and no gate (timm's defaults, and DINO's ViT)."""
+        plain = (nn.Identity, type(None))
+        return (all(hasattr(attn, a) for a in ("num_heads", "head_dim", "scale", "qkv", "q_norm",
+                                                "k_norm", "attn_drop", "proj", "proj_drop"))
+                and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+                and isinstance(getattr(attn, "norm", None), plain)
+                and getattr(attn, "gate", None) is None
+                and attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if attn_mask is None and not is_causal and explicit_attention_faster(q):
+            scores = (q * self.scale) @ k.transpose(-2, -1)
+            probs = self.attn_drop(torch.softmax(
+                scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)))
+            x = probs.to(v.dtype) @ v
+        else:
+            x = nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(x))
 
 
 class TokenVisionTransformer(VisionTransformer):
@@ -206,6 +279,9 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
     kwargs.update(overrides)
     kwargs.update(_FIXED_VIT_ARGS)
     vit = TokenVisionTransformer(mask_token=mask_token, **kwargs)
+    for block in vit.blocks:
+        if Attention.replaces(getattr(block, "attn", None)):
+            block.attn = Attention(block.attn)
     # timm initialises the CLS token with std 1e-6; the official ViT uses the truncated normal
     nn.init.trunc_normal_(vit.cls_token, std=0.02)
     return vit

@@ -116,6 +116,84 @@ def test_conv_stem_gives_the_patchify_grid_at_every_resolution_and_learns():
     assert grid == (4, 4) and attn.shape[-1] == 16
 
 
+def _vit_outputs_and_grads(vit, x, dtype):
+    vit.zero_grad()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
+        out = vit(x)
+    out.double().square().sum().backward()
+    return out.detach().double(), [p.grad.clone() for p in vit.parameters() if p.grad is not None]
+
+
+def test_build_vit_blocks_use_the_attention_that_picks_its_kernel_with_timms_keys():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from dino_fast.models import Attention
+    vit = tiny_vit()
+    plain = VisionTransformer(img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2,
+                              qkv_bias=True, num_classes=0, dynamic_img_size=True)
+    assert all(type(b.attn) is Attention for b in vit.blocks)
+    assert list(vit.state_dict()) == list(plain.state_dict())
+    # a ViT whose attention normalises q and k keeps timm's module (Attention computes no norm)
+    normed = tiny_vit(qk_norm=True)
+    assert all(type(b.attn) is not Attention for b in normed.blocks)
+
+
+@pytest.mark.parametrize("size", [16, 8])
+def test_explicit_and_fused_attention_agree_in_values_and_gradients(monkeypatch, size):
+    import dino_fast.models as models
+    torch.manual_seed(0)
+    vit = tiny_vit(drop_path_rate=0.0)
+    x = torch.randn(6, 3, size, size)
+    results = {}
+    for explicit in (False, True):
+        monkeypatch.setattr(models, "explicit_attention_faster", lambda q, e=explicit: e)
+        results[explicit, torch.float64] = _vit_outputs_and_grads(vit.double(), x.double(),
+                                                                  torch.float64)
+        results[explicit, torch.bfloat16] = _vit_outputs_and_grads(vit.float(), x, torch.bfloat16)
+    ref_out, ref_grads = results[False, torch.float64]
+    out, grads = results[True, torch.float64]
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    for explicit in (False, True):  # bf16 either way: within bf16's rounding of the exact result
+        out, grads = results[explicit, torch.bfloat16]
+        torch.testing.assert_close(out.double(), ref_out, rtol=0.05, atol=0.05)
+        for g, r in zip(grads, ref_grads):
+            assert (g.double() - r).norm() <= 0.03 * r.norm() + 1e-6
+
+
+def test_explicit_attention_only_for_bf16_on_the_cpu_on_short_sequences():
+    from dino_fast.models import (
+        EXPLICIT_ATTENTION_MAX_TOKENS,
+        EXPLICIT_ATTENTION_MAX_TOKENS_WITH_GRAD,
+        explicit_attention_faster,
+    )
+
+    def q(n, dtype=torch.bfloat16, grad=False):
+        return torch.zeros(2, 3, n, 8, dtype=dtype, requires_grad=grad)
+    assert explicit_attention_faster(q(17)) and explicit_attention_faster(q(17, grad=True))
+    assert not explicit_attention_faster(q(17, torch.float32))
+    assert not explicit_attention_faster(q(17, torch.float16))
+    assert not explicit_attention_faster(q(EXPLICIT_ATTENTION_MAX_TOKENS + 1))
+    assert explicit_attention_faster(q(EXPLICIT_ATTENTION_MAX_TOKENS + 1, grad=True))
+    with torch.no_grad():
+        assert not explicit_attention_faster(q(EXPLICIT_ATTENTION_MAX_TOKENS + 1, grad=True))
+    assert not explicit_attention_faster(q(EXPLICIT_ATTENTION_MAX_TOKENS_WITH_GRAD + 1, grad=True))
+    assert not explicit_attention_faster(q(17).to("meta"))
+
+
+def test_bf16_vit_on_the_cpu_skips_the_fused_kernel_and_fp32_uses_it(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].dtype) or sdpa(*a, **k))
+    vit = tiny_vit()
+    _vit_outputs_and_grads(vit, torch.randn(2, 3, 16, 16), torch.bfloat16)
+    assert calls == []
+    _vit_outputs_and_grads(vit, torch.randn(2, 3, 16, 16), torch.float32)
+    assert calls == [torch.float32] * len(vit.blocks)
+
+
 # ------------------------------------------------------------------------------------ head
 
 def official_head(in_dim, out_dim, use_bn, norm_last_layer, nlayers, hidden_dim, bottleneck_dim):
