@@ -86,3 +86,51 @@ def test_vit_forward_backward(benchmark, models, device, resolution, path):
     if path == "torch.compile":
         extra["compile_s"] = m.compile_s[resolution]
     record(benchmark, path=path, device=torch.device(device), peak_bytes=peak, **extra)
+
+
+# ----------------------------------------------------------------------- bf16 attention on CPU
+
+class _Bf16Vit:
+    """The CIFAR-10 command's ViT (width 96, 4 blocks, patch 8, conv stem) under bf16 autocast on
+    the CPU, and a batch per resolution: 64 global crops (17 tokens), 320 local crops (5)."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.vit = build_vit("vit_tiny", patch_size=8, img_size=32, depth=4, embed_dim=96,
+                             num_heads=3, patch_embed="conv")
+        self.images = {"global": torch.randn(64, 3, 32, 32), "local": torch.randn(320, 3, 16, 16)}
+
+    def step(self, res_name):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = self.vit(self.images[res_name])
+        out.float().square().mean().backward()
+        self.vit.zero_grad(set_to_none=True)
+        return out.detach().float()
+
+
+@pytest.fixture(scope="module")
+def bf16_vit():
+    return _Bf16Vit()
+
+
+@pytest.mark.parametrize("resolution", ["global", "local"])
+@pytest.mark.parametrize("path", ["explicit softmax (dino_fast)", "fused sdpa"])
+def test_vit_bf16_attention_on_cpu(benchmark, bf16_vit, monkeypatch, resolution, path):
+    """dino_fast's `Attention` computes bf16 CPU attention on short sequences explicitly; the
+    baseline forces F.scaled_dot_product_attention (what timm's Attention calls)."""
+    import dino_fast.models as models
+    ref = bf16_vit.step(resolution)
+    with monkeypatch.context() as m:
+        m.setattr(models, "explicit_attention_faster", lambda q: False)
+        fused = bf16_vit.step(resolution)
+    torch.testing.assert_close(ref, fused, rtol=5e-2, atol=5e-2)  # bf16 rounding apart
+    if path == "fused sdpa":
+        monkeypatch.setattr(models, "explicit_attention_faster", lambda q: False)
+    n = bf16_vit.images[resolution].shape[0]
+    benchmark.group = f"ViT fwd+bwd width 96/8 conv stem, bf16, {resolution} crops B={n} (cpu)"
+    fn = lambda: bf16_vit.step(resolution)  # noqa: E731
+    benchmark.pedantic(fn, rounds=8, iterations=1, warmup_rounds=2)
+    extra = {}
+    if benchmark.stats is not None:
+        extra["images_per_s"] = round(n / benchmark.stats.stats.median, 1)
+    record(benchmark, path=path, device=torch.device("cpu"), peak_bytes=None, **extra)
