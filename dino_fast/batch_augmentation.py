@@ -139,6 +139,34 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int,
     return w / torch.where(total == 0, torch.ones_like(total), total)
 
 
+# Crops have whole-pixel boxes, so an axis of in_size pixels has in_size * (in_size + 1) / 2
+# possible (start, length) pairs: below this many table entries (in_size^2 * out_size, about 4 MB
+# of float32 at 64 -> 64 px) their weights are computed once and looked up, which at CIFAR size
+# takes a tenth of the time of computing each crop's weights.
+RESAMPLE_TABLE_MAX_ENTRIES = 1 << 20
+
+
+@functools.cache
+def _resample_table(in_size: int, out_size: int) -> torch.Tensor:
+    """(in_size, in_size + 1, out_size, in_size) float32: entry [start, length] holds
+    `resample_weights(start, length, in_size, out_size)` where start + length <= in_size."""
+    start, length = torch.meshgrid(torch.arange(in_size), torch.arange(in_size + 1),
+                                   indexing="ij")
+    valid = (length > 0) & (start + length <= in_size)
+    table = torch.zeros(in_size, in_size + 1, out_size, in_size)
+    table[valid] = resample_weights(start[valid], length[valid], in_size, out_size).float()
+    return table
+
+
+def crop_resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int,
+                          out_size: int) -> torch.Tensor:
+    """`resample_weights` as float32, looked up in a table computed once per (in_size, out_size)
+    where that table is small, computed otherwise."""
+    if in_size * in_size * out_size > RESAMPLE_TABLE_MAX_ENTRIES:
+        return resample_weights(start, length, in_size, out_size).float()
+    return _resample_table(in_size, out_size)[start, length]
+
+
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
                   flip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Crop box n of image n % B (top, left, h, w in pixels), resize it to size x size as PIL
@@ -156,8 +184,8 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
         raise ValueError(f"boxes must hold a whole number of crops per image: {n} boxes for "
                          f"{b} images")
     top, left, h, w = boxes.unbind(1)
-    wx = resample_weights(left, w, width, size)   # (N, size, W)
-    wy = resample_weights(top, h, height, size)   # (N, size, H)
+    wx = crop_resample_weights(left, w, width, size)   # (N, size, W)
+    wy = crop_resample_weights(top, h, height, size)   # (N, size, H)
     if flip is not None:  # mirrored output columns
         wx = torch.where(flip.to(torch.bool)[:, None, None], wx.flip(1), wx)
     wx = _to(wx, images).view(n // b, b, size, width)

@@ -205,6 +205,22 @@ def test_resample_weight_rows_sum_to_one_inside_the_crop():
             assert (w[n][:, outside] == 0).all()
 
 
+def test_crop_weights_table_is_resample_weights(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    for in_size, out_size in ((32, 16), (32, 32), (7, 12), (1, 3)):
+        boxes = B.sample_crop_boxes(200, in_size, in_size, (0.01, 1.0), generator=g)
+        _, left, _, w = boxes.unbind(1)
+        looked_up = B.crop_resample_weights(left, w, in_size, out_size)
+        assert looked_up.dtype == torch.float32
+        assert torch.equal(looked_up, B.resample_weights(left, w, in_size, out_size).float())
+    # above the table's size limit the weights are computed
+    monkeypatch.setattr(B, "RESAMPLE_TABLE_MAX_ENTRIES", 0)
+    monkeypatch.setattr(B, "_resample_table", None)  # would fail if called
+    start, length = torch.tensor([0, 5]), torch.tensor([32, 11])
+    assert torch.equal(B.crop_resample_weights(start, length, 32, 16),
+                       B.resample_weights(start, length, 32, 16).float())
+
+
 # ---------------------------------------------------------------- photometric operations
 
 HUES = torch.tensor([-0.1, -0.05, 0.0, 0.03, 0.1, 0.5, -0.5, 0.07])

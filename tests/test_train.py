@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -411,3 +412,30 @@ def test_defaults_depend_on_the_data_set_and_flags_win(tmp_path):
                                 "--num_heads", "0", "--epochs", "5"])
     train_args.validate_args(chosen, parser)
     assert (chosen.embed_dim, chosen.num_heads, chosen.epochs) == (0, 0, 5)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(train_args, "cpu_has_native_bf16", lambda: native)
+    parser = train_args.get_args_parser()
+    for precision in ("bf16", "fp32", "auto"):
+        args = parser.parse_args(["--output_dir", str(tmp_path), "--device", "cpu",
+                                  "--precision", precision])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_args.validate_args(args, parser)
+        slow = [w for w in caught if "no native bf16" in str(w.message)]
+        assert len(slow) == (precision == "bf16" and not native)
+        if slow:
+            assert "--precision fp32" in str(slow[0].message)
+
+
+def test_cpu_has_native_bf16_follows_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(train_args.platform, "machine", lambda: "x86_64")
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True),
+                                       (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert train_args.cpu_has_native_bf16() is expected
+    monkeypatch.setattr(train_args.platform, "machine", lambda: "aarch64")
+    assert train_args.cpu_has_native_bf16()
