@@ -205,36 +205,27 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by factor[b] turns (in [-0.5, 0.5]) through HSV, as torchvision."""
+    """Rotate the hue by factor[b] turns (in [-0.5, 0.5]) through HSV, as torchvision: the hue
+    computed with its formulas (as a fraction of a turn, so that it rounds as torchvision's),
+    and HSV -> RGB as min + chroma * (each channel's piecewise-linear function of the hue),
+    which is torchvision's per-sector choice among v, p, q, t written without the sectors."""
     r, g, b = x.unbind(1)
     maxc, _ = x.max(dim=1)
     minc, _ = x.min(dim=1)
-    eqc = maxc == minc
     cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + _to(factor, x).view(-1, 1, 1), 1.0)
-    # HSV -> RGB: sector i of the hue picks each channel among (v, p, q, t)
-    v = maxc
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s + s * f)).clamp(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=1)  # (B, 4, H, W)
-    select = _constant(_HSV_SELECT, x.device, torch.int64)[:, i.long().remainder(6)]
-    return vpqt.gather(1, select.transpose(0, 1))
-
-
-# channel r, g, b of hue sector 0..5 as an index into (v, p, q, t)
-_HSV_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
+    cr_divisor = torch.where(cr == 0, torch.ones_like(cr), cr)
+    max_is_r, max_is_g = maxc == r, maxc == g
+    # max r: (g - b) / cr; max g: 2 + (b - r) / cr; max b: 4 + (r - g) / cr (torchvision's
+    # hr + hg + hb, one of which is nonzero)
+    num = torch.where(max_is_r, g - b, torch.where(max_is_g, b - r, r - g))
+    h = num / cr_divisor + torch.where(max_is_r, 0.0, torch.where(max_is_g, 2.0, 4.0))
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + _to(factor, x).view(-1, 1, 1), 1.0) * 6.0
+    # r: clamp(|h - 3| - 1), g: clamp(2 - |h - 2|), b: clamp(2 - |h - 4|), each in [0, 1]
+    centre, sign, offset = (_constant(values, x.device, x.dtype).view(1, 3, 1, 1) for values in
+                            ((3.0, 2.0, 4.0), (1.0, -1.0, -1.0), (-1.0, 2.0, 2.0)))
+    shape = ((h.unsqueeze(1) - centre).abs_().mul_(sign).add_(offset)).clamp_(0.0, 1.0)
+    return shape.mul_(cr.unsqueeze(1)).add_(minc.unsqueeze(1))
 
 
 def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD / 255) -> torch.Tensor:
