@@ -138,7 +138,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm_last_layer", default=True, type=bool_flag,
                    help="whether to weight-normalise (and freeze the norm of) the last layer of "
                         "the head. Normalising makes training more stable; set false for better "
-                        "performance with vit_small if training is stable.")
+                        "performance with vit_small if training is stable (on CIFAR-10 with the "
+                        "Sinkhorn-Knopp teacher, false was 2.1 points of k-NN ahead after 4 "
+                        "epochs).")
     p.add_argument("--momentum_teacher", default=0.99, type=float,
                    help="base EMA momentum of the teacher, raised to 1 with a cosine schedule "
                         "over training. The paper: 0.996 (0.9995 with batch size 256); short "
@@ -215,8 +217,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(where it lifts k-NN far more in minutes), dino otherwise")
     p.add_argument("--centering", default=None, choices=("centering", "sinkhorn_knopp"),
                    help="the teachers' normalisation: an EMA center subtracted before the "
-                        "softmax (DINO), or the Sinkhorn-Knopp teacher over the batch (DINOv2). "
-                        "Default: the recipe's")
+                        "softmax (DINO), or the Sinkhorn-Knopp teacher over the batch (DINOv2; "
+                        "with the DINO recipe on CIFAR-10 it was 2.6 points of k-NN ahead of "
+                        "centering after 4 epochs). Default: the recipe's")
     p.add_argument("--ibot_loss_weight", default=None, type=float,
                    help="weight of the iBOT masked-patch loss (0: none): the student sees "
                         "masked global crops (a learnable mask token replaces the masked "
