@@ -184,6 +184,10 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
         raise ValueError(f"boxes must hold a whole number of crops per image: {n} boxes for "
                          f"{b} images")
     top, left, h, w = boxes.unbind(1)
+    outside = (top < 0) | (left < 0) | (h < 1) | (w < 1) | (top + h > height) | (left + w > width)
+    if outside.any():  # boxes are CPU tensors: no device sync
+        raise ValueError(f"boxes must lie within the {height}x{width} images with h, w >= 1 "
+                         f"(top, left, h, w), got {boxes[outside.nonzero()[0, 0]].tolist()}")
     wx = crop_resample_weights(left, w, width, size)   # (N, size, W)
     wy = crop_resample_weights(top, h, height, size)   # (N, size, H)
     if flip is not None:  # mirrored output columns

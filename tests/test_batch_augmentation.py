@@ -221,6 +221,13 @@ def test_crop_weights_table_is_resample_weights(monkeypatch):
                        B.resample_weights(start, length, 32, 16).float())
 
 
+@pytest.mark.parametrize("box", [(-1, 0, 8, 8), (0, 0, 0, 8), (30, 0, 8, 8), (0, 25, 8, 8)])
+def test_resized_crops_reject_boxes_outside_the_image(box):
+    with pytest.raises(ValueError, match=r"boxes must lie within the 32x32 images .* got \["
+                                         + ", ".join(map(str, box)) + r"\]"):
+        B.resized_crops(torch.rand(2, 3, 32, 32), torch.tensor([box, (0, 0, 32, 32)]), 16)
+
+
 # ---------------------------------------------------------------- photometric operations
 
 HUES = torch.tensor([-0.1, -0.05, 0.0, 0.03, 0.1, 0.5, -0.5, 0.07])
