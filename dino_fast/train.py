@@ -15,6 +15,8 @@ stop or warn on divergence and collapse.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import datetime
 import random
 import sys
@@ -27,7 +29,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from dino_fast import cpu_kernels, distributed
 from dino_fast.augmentation import DataAugmentationDINO, collate_crops
@@ -226,47 +228,57 @@ def train_dino(args: argparse.Namespace) -> dict:
            f"patches)" if args.ibot_loss_weight else "")
         + (f", KoLeo x {args.koleo_loss_weight:g}" if args.koleo_loss_weight else ""))
 
-    # ============ preparing loss ... ============
-    loss_fn = TrainingLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                           args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs,
-                           centering=args.centering, ibot_loss_weight=args.ibot_loss_weight,
-                           ibot_out_dim=args.ibot_out_dim or None,
-                           koleo_loss_weight=args.koleo_loss_weight,
-                           backend=args.backend).to(device)
-
     # ============ preparing optimizer ... ============
     optimizer = build_optimizer(args.optimizer, get_params_groups(student))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    log = JsonlLog(output_dir / "log.jsonl", enabled=main_process)
+    ckpt = load_checkpoint(resume_path(args)) if args.resume is not None else None
+    auto_epochs = args.epochs == "auto"
+    if auto_epochs and ckpt is not None:  # the resumed run keeps the length it was given
+        args.epochs, auto_epochs = int(ckpt["args"]["epochs"]), False
+    if auto_epochs:  # provisional, for the calibration steps; replaced below
+        args.epochs = max(1, args.warmup_epochs, args.warmup_teacher_temp_epochs)
 
-    # ============ init schedulers ... ============
-    iters = len(data_loader)
-    lr_schedule = cosine_scheduler(
-        scaled_lr(args.lr, args.batch_size_per_gpu * env.world_size), args.min_lr,
-        args.epochs, iters, warmup_epochs=args.warmup_epochs)
-    wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters)
-    teacher_ema = TeacherEMA(student, teacher, args.momentum_teacher, 1.0,
-                             total_steps=args.epochs * iters, backend=args.backend)
+    # ============ preparing loss and schedulers ... ============
+    iters = len(data_loader)  # (auto: the provisional schedules also span the calibration)
+    state = build_training_state(args, env, student, teacher, optimizer, scaler, amp_dtype,
+                                 max(iters, *CALIBRATION_STEPS) if auto_epochs else iters, log)
 
     # ============ optionally resume training ... ============
     start_epoch = 0
-    log = JsonlLog(output_dir / "log.jsonl", enabled=main_process)
-    if args.resume is not None:
-        ckpt = load_checkpoint(resume_path(args))
+    if ckpt is not None:
         check_resume_compatible(ckpt, args, needs_scaler=scaler is not None)
         start_epoch = restore_training_state(ckpt, student=student, teacher=teacher,
-                                             optimizer=optimizer, dino_loss=loss_fn.dino,
-                                             scaler=scaler, ibot_loss=loss_fn.ibot)
+                                             optimizer=optimizer, dino_loss=state.loss.dino,
+                                             scaler=scaler, ibot_loss=state.loss.ibot)
         say(f"resumed from {resume_path(args)} at epoch {start_epoch}")
     log.keep_epochs_before(start_epoch)  # the log of the epochs the checkpoint holds
-    state = TrainingState(args=args, env=env, student=student, teacher=teacher,
-                          teacher_ema=teacher_ema, loss=loss_fn, optimizer=optimizer,
-                          scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-                          amp_dtype=amp_dtype, guard=NonFiniteGuard(device), log=log)
+
+    results = {"start_epoch": start_epoch}
+    knn_seconds = 0.0
+    if args.knn_before and start_epoch == 0:
+        knn_start = time.perf_counter()
+        results["knn_before"] = evaluate_knn(state, knn_train, knn_test, 0, "before training")
+        knn_seconds = time.perf_counter() - knn_start
+    if auto_epochs:  # --epochs auto: as many as the measured speed fits in the time budget
+        images_per_s = calibrate_speed(state, dataset, collate, batch_augmentation)
+        epoch_seconds = iters * args.batch_size_per_gpu * env.world_size / images_per_s
+        args.epochs = epochs_for_budget(60 * args.max_train_minutes, epoch_seconds, knn_seconds,
+                                        args.knn_freq)
+        if args.epochs < max(args.warmup_epochs, args.warmup_teacher_temp_epochs):
+            raise SystemExit(
+                f"error: --epochs auto: {args.epochs} epoch(s) of about {epoch_seconds:.0f} s fit "
+                f"in --max_train_minutes {args.max_train_minutes:g}, fewer than --warmup_epochs "
+                f"({args.warmup_epochs}) or --warmup_teacher_temp_epochs "
+                f"({args.warmup_teacher_temp_epochs}): raise the budget or lower those")
+        say(f"epochs: {args.epochs} fit in --max_train_minutes {args.max_train_minutes:g} "
+            f"(calibration: {images_per_s:.0f} img/s, about {epoch_seconds:.0f} s per epoch"
+            + (f", k-NN {knn_seconds:.0f} s every {args.knn_freq} epochs" if args.knn_freq and
+               knn_seconds else "") + ")")
+        state = build_training_state(args, env, student, teacher, optimizer, scaler, amp_dtype,
+                                     iters, log)
 
     # ============ training ... ============
-    results = {"start_epoch": start_epoch}
-    if args.knn_before and start_epoch == 0:
-        results["knn_before"] = evaluate_knn(state, knn_train, knn_test, 0, "before training")
     start_time = time.perf_counter()
     epoch_times, epochs_done, latest_knn = [], start_epoch, (None, None)
     for epoch in range(start_epoch, args.epochs):
@@ -333,6 +345,77 @@ def train_dino(args: argparse.Namespace) -> dict:
     return results
 
 
+def build_training_state(args: argparse.Namespace, env: DistEnv, student: nn.Module,
+                         teacher: nn.Module, optimizer: torch.optim.Optimizer,
+                         scaler: Optional[torch.amp.GradScaler], amp_dtype: Optional[torch.dtype],
+                         iters: int, log: JsonlLog) -> TrainingState:
+    """The loss, the schedules and the teacher EMA of a run of args.epochs epochs of `iters`
+    steps (all depend on the run's length), with the given networks and optimizer."""
+    loss_fn = TrainingLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                           args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs,
+                           centering=args.centering, ibot_loss_weight=args.ibot_loss_weight,
+                           ibot_out_dim=args.ibot_out_dim or None,
+                           koleo_loss_weight=args.koleo_loss_weight,
+                           backend=args.backend).to(env.device)
+    lr_schedule = cosine_scheduler(
+        scaled_lr(args.lr, args.batch_size_per_gpu * env.world_size), args.min_lr,
+        args.epochs, iters, warmup_epochs=args.warmup_epochs)
+    wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters)
+    teacher_ema = TeacherEMA(student, teacher, args.momentum_teacher, 1.0,
+                             total_steps=args.epochs * iters, backend=args.backend)
+    return TrainingState(args=args, env=env, student=student, teacher=teacher,
+                         teacher_ema=teacher_ema, loss=loss_fn, optimizer=optimizer,
+                         scaler=scaler, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
+                         amp_dtype=amp_dtype, guard=NonFiniteGuard(env.device), log=log)
+
+
+# --epochs auto: training steps untimed (first-step allocations, optimizer state, compilation),
+# then timed; the budget keeps a margin for the per-epoch checkpoint and curves and for speed
+# drifting during the run.
+CALIBRATION_STEPS = (2, 8)
+BUDGET_MARGIN = 0.05
+
+
+def calibrate_speed(state: TrainingState, dataset, collate: Callable,
+                    batch_augmentation: Optional[BatchedDataAugmentationDINO]) -> float:
+    """Training images per second (all ranks) of real training steps on the run's networks, data
+    and augmentation, measured and then undone: the networks, the optimizer and the gradient
+    scaler are restored exactly, so the run that follows is the one it would have been."""
+    args, env = state.args, state.env
+    saved = [copy.deepcopy(m.state_dict()) for m in (state.student, state.teacher,
+                                                     state.optimizer)]
+    saved_scaler = copy.deepcopy(state.scaler.state_dict()) if state.scaler else None
+    quiet = dataclasses.replace(state, log=JsonlLog(".", enabled=False))
+    seed = derive_seed(args.seed, env.rank, -1, stream=3)
+    rates = []
+    for steps in CALIBRATION_STEPS:
+        n = steps * args.batch_size_per_gpu  # (indices repeat when the data set is smaller)
+        loader = DataLoader(Subset(dataset, [i % len(dataset) for i in range(n)]),
+                            batch_size=args.batch_size_per_gpu, num_workers=0, drop_last=True,
+                            collate_fn=collate)
+        stats = train_one_epoch(quiet, loader, make_crops_fn(batch_augmentation, seed, env.device),
+                                0, make_masks_fn(args, seed, env.device), progress=False)
+        rates.append(stats["images_per_s"])
+    for module, state_dict in zip((state.student, state.teacher, state.optimizer), saved):
+        module.load_state_dict(state_dict)
+    if state.scaler is not None:
+        state.scaler.load_state_dict(saved_scaler)
+    state.optimizer.zero_grad(set_to_none=True)
+    # every rank must choose the same number of epochs
+    return distributed.all_reduce_mean(rates[-1], env.device)
+
+
+def epochs_for_budget(budget_s: float, epoch_s: float, knn_s: float = 0.0,
+                      knn_freq: int = 0, margin: float = BUDGET_MARGIN) -> int:
+    """The most epochs (at least 1) whose training time, with the k-NN evaluations of every
+    `knn_freq`-th epoch before the last (knn_s each), fits in (1 - margin) * budget_s seconds."""
+    usable = (1 - margin) * budget_s
+    epochs = 1
+    while (epochs + 1) * epoch_s + (epochs // knn_freq if knn_freq else 0) * knn_s <= usable:
+        epochs += 1
+    return epochs
+
+
 def make_crops_fn(batch_augmentation: Optional[BatchedDataAugmentationDINO], seed: int,
                   device: torch.device) -> Callable:
     """loader batch -> list of crop batches on `device`. With the batched augmentation the crops
@@ -359,7 +442,8 @@ def make_masks_fn(args: argparse.Namespace, seed: int, device: torch.device
 
 
 def train_one_epoch(state: TrainingState, data_loader: DataLoader, crops_of: Callable,
-                    epoch: int, masks_of: Optional[Callable[[int], MaskBatch]] = None) -> dict:
+                    epoch: int, masks_of: Optional[Callable[[int], MaskBatch]] = None,
+                    progress: bool = True) -> dict:
     """One epoch of DINO (or DINOv2): per step the schedules, the teacher and student forward
     passes, the loss, the student update and the teacher EMA.
 
@@ -369,6 +453,7 @@ def train_one_epoch(state: TrainingState, data_loader: DataLoader, crops_of: Cal
             list of crop batches (global crops first).
         epoch: the epoch index (the global iteration is len(data_loader) * epoch + step).
         masks_of: with iBOT, n_images -> the masks of the step's 2 x B global crops.
+        progress: show the progress bar on a terminal.
 
     Returns:
         The epoch's figures: mean loss and mean of each term over all ranks ("terms" names
@@ -380,7 +465,7 @@ def train_one_epoch(state: TrainingState, data_loader: DataLoader, crops_of: Cal
     optimizer, scaler, guard = state.optimizer, state.scaler, state.guard
     device, amp_dtype = env.device, state.amp_dtype
     bar = ProgressBar(len(data_loader), desc=f"epoch {epoch + 1}/{args.epochs}",
-                      enabled=env.is_main and sys.stdout.isatty())
+                      enabled=progress and env.is_main and sys.stdout.isatty())
     loss_sum = torch.zeros((), device=device)
     term_sums: dict = {}
     entropies, shown = [], {}

@@ -188,9 +188,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images per process and step (the total batch is this times the number "
                         "of processes; the learning rate scales with it). On CIFAR-10 in 28 CPU "
                         "minutes 64 does better than 32 and 128 (benchmarks/RESULTS.md)")
-    p.add_argument("--epochs", default=None, type=int,
-                   help="number of training epochs. Default: 20 on the procedural demo, 10 "
-                        "otherwise")
+    p.add_argument("--epochs", default=None, type=epochs_value,
+                   help="number of training epochs, or 'auto' (with --max_train_minutes): as "
+                        "many as fit in the budget at the speed of a few training steps timed "
+                        "(and undone) before the run, counting the k-NN evaluations at the time "
+                        "of the one before training; the run is then the one with that number. "
+                        "Default: 20 on the procedural demo, 10 otherwise")
     p.add_argument("--freeze_last_layer", default=10, type=int,
                    help="number of epochs during which the output layer is kept fixed. The "
                         "paper: 1; increase it if the loss does not decrease. In the CPU demo "
@@ -292,8 +295,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch.compile the ViTs (default: on with CUDA, off on CPU)")
     p.add_argument("--max_train_minutes", default=0.0, type=float,
                    help="time budget: do not start an epoch expected to end past this many "
-                        "minutes of training (0: no limit). The schedules still span --epochs; "
-                        "a later --resume continues.")
+                        "minutes of training (0: no limit). The schedules still span --epochs "
+                        "(--epochs auto fits them to the budget); a later --resume continues.")
     p.add_argument("--log_freq", default=10, type=int,
                    help="log (log.jsonl, progress bar loss) every this many steps")
 
@@ -322,6 +325,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 # Validation: every check that can fail runs before any work starts
 
 
+def epochs_value(value: str):
+    """--epochs: a whole number, or 'auto'."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number or 'auto', got {value!r}") from None
+
+
 def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Reject missing paths and incompatible flags with a message that says what to change.
     Also fills the data-set dependent defaults (DATASET_DEFAULTS)."""
@@ -334,10 +348,16 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             setattr(args, name, demo_value if demo else real_value)
 
     # the checks the library's own functions make, with the flags' names in the messages
+    auto_epochs = args.epochs == "auto"
+    if auto_epochs and not args.max_train_minutes > 0:
+        fail("--epochs auto sizes the run to --max_train_minutes: give a time budget "
+             "(--max_train_minutes M > 0) or a number of epochs")
     try:
-        for name in ("epochs", "batch_size_per_gpu", "log_freq", "out_dim", "nb_knn",
+        for name in ("batch_size_per_gpu", "log_freq", "out_dim", "nb_knn",
                      "head_hidden_dim", "head_bottleneck_dim"):
             check_int(getattr(args, name), f"--{name}", 1)
+        if not auto_epochs:
+            check_int(args.epochs, "--epochs", 1)
         for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
                      "local_crops_number", "num_workers", "saveckp_freq", "knn_freq", "depth",
                      "embed_dim", "num_heads", "train_samples", "knn_train_samples",
@@ -358,9 +378,9 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         fail(str(exc))
     check_recipe_args(args, fail)
     # flags that only the command line combines
-    if args.warmup_epochs > args.epochs:
+    if not auto_epochs and args.warmup_epochs > args.epochs:  # (auto: checked once sized)
         fail(f"--warmup_epochs ({args.warmup_epochs}) cannot exceed --epochs ({args.epochs})")
-    if args.warmup_teacher_temp_epochs > args.epochs:
+    if not auto_epochs and args.warmup_teacher_temp_epochs > args.epochs:
         fail(f"--warmup_teacher_temp_epochs ({args.warmup_teacher_temp_epochs}) cannot exceed "
              f"--epochs ({args.epochs})")
     for name in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad", "max_train_minutes"):

@@ -181,6 +181,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     (["--global_crops_scale", "0.8", "0.3"], "0 < min <= max <= 1"),
     (["--lr", "0"], "--lr must be a positive finite number"),
     (["--resume"], "no checkpoint at"),
+    (["--epochs", "auto"], "--epochs auto sizes the run to --max_train_minutes"),
+    (["--epochs", "three"], "--epochs: expected a whole number or 'auto', got 'three'"),
     (["--patch_embed", "conv", "--patch_size", "6", "--image_size", "18", "--local_crop_size",
       "6"], "--patch_embed=conv needs --patch_size a power of two"),
 ])
@@ -371,6 +373,69 @@ def test_time_budget_stops_between_epochs_and_the_run_can_be_resumed(tmp_path, c
     assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
     resumed = run(tmp_path, "--resume", "--knn_before", "false", "--attention_images", "0")
     assert (resumed["start_epoch"], resumed["epochs_trained"]) == (1, 2)
+
+
+@pytest.mark.parametrize("flags", [[], ["--recipe", "dinov2", "--augmentation", "batched"]],
+                         ids=["dino_pil", "dinov2_batched"])
+def test_epochs_auto_is_the_run_with_the_number_it_chose(tmp_path, monkeypatch, capsys, flags):
+    """--epochs auto times real training steps (which it undoes) and gives their speed and the
+    k-NN time to epochs_for_budget; the run then equals an explicit --epochs run bit for bit."""
+    seen = {}
+
+    def fit(budget_s, epoch_s, knn_s, knn_freq):  # the tiny run is too fast to size itself
+        seen.update(budget_s=budget_s, epoch_s=epoch_s, knn_s=knn_s, knn_freq=knn_freq)
+        return 2
+
+    monkeypatch.setattr(train, "epochs_for_budget", fit)
+    common = [*flags, "--attention_images", "0", "--knn_freq", "5", "--epochs"]
+    auto = run(tmp_path / "auto", *common, "auto", "--max_train_minutes", "30")
+    assert seen["budget_s"] == 1800 and seen["knn_freq"] == 5
+    assert 0 < seen["epoch_s"] < 60 and 0 < seen["knn_s"] < 60
+    out = capsys.readouterr().out
+    assert re.search(r"epochs: 2 fit in --max_train_minutes 30 \(calibration: \d+ img/s, about "
+                     r"\d+ s per epoch, k-NN \d+ s every 5 epochs\)", out)
+    assert "epoch 2/2: loss" in out and auto["epochs_trained"] == 2
+    explicit = run(tmp_path / "explicit", *common, "2")
+    assert explicit["knn_after"] == auto["knn_after"]
+    a = load_checkpoint(tmp_path / "auto" / "checkpoint.pth")
+    b = load_checkpoint(tmp_path / "explicit" / "checkpoint.pth")
+    assert a["args"]["epochs"] == 2  # the number, so that a resume keeps the schedule
+    ta, tb = state_tensors(a), state_tensors(b)
+    assert ta.keys() == tb.keys() and [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    steps = lambda d: [(r["it"], r["loss"], r["lr"], r["wd"], r["momentum"])  # noqa: E731
+                       for r in read_log(d) if r["type"] == "step"]
+    assert steps(tmp_path / "auto") == steps(tmp_path / "explicit")  # no calibration steps
+
+    # a resume keeps the checkpoint's number of epochs (no new calibration)
+    monkeypatch.setattr(train, "calibrate_speed", lambda *a, **k: pytest.fail("calibrated"))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(tmp_path / "auto" / "checkpoint0001.pth", resumed / "checkpoint.pth")
+    result = run(resumed, *common, "auto", "--max_train_minutes", "30", "--resume")
+    assert (result["start_epoch"], result["epochs_trained"]) == (1, 2)
+    tr = state_tensors(load_checkpoint(resumed / "checkpoint.pth"))
+    assert [k for k in ta if not torch.equal(ta[k], tr[k])] == []
+
+
+def test_epochs_for_budget_counts_epochs_and_evaluations():
+    fit = train.epochs_for_budget
+    assert fit(100, 10, margin=0) == 10
+    assert fit(100, 10) == 9  # the margin: 95 s usable
+    assert fit(100, 10, knn_s=5, knn_freq=2, margin=0) == 8  # 8 epochs + 3 evaluations = 95 s
+    assert fit(100, 10, knn_s=5, knn_freq=0, margin=0) == 10  # no evaluations during training
+    assert fit(5, 10) == 1  # the first epoch always runs
+    # a fast machine gets proportionally more: 21 epochs of 75 s in 29 min, 13 of 120 s
+    assert (fit(29 * 60, 75), fit(29 * 60, 120)) == (22, 13)
+
+
+def test_epochs_auto_that_cannot_fit_the_warm_up_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "epochs_for_budget", lambda *a, **k: 1)
+    with pytest.raises(SystemExit, match=r"--epochs auto: 1 epoch\(s\) of about \d+ s fit in "
+                                         r"--max_train_minutes 1, fewer than --warmup_epochs "
+                                         r"\(2\)"):
+        run(tmp_path, "--epochs", "auto", "--max_train_minutes", "1", "--warmup_epochs", "2",
+            "--knn_before", "false", "--attention_images", "0")
+    assert not (tmp_path / "checkpoint.pth").exists()
 
 
 def test_batched_augmentation_needs_images_of_one_size(tmp_path, capsys):
