@@ -372,8 +372,8 @@ def build_training_state(args: argparse.Namespace, env: DistEnv, student: nn.Mod
 # --epochs auto: training steps untimed (first-step allocations, optimizer state, compilation),
 # then timed; the budget keeps a margin for the per-epoch checkpoint and curves and for speed
 # drifting during the run.
-CALIBRATION_STEPS = (2, 8)
-BUDGET_MARGIN = 0.05
+CALIBRATION_STEPS = (3, 20)
+BUDGET_MARGIN = 0.04
 
 
 def calibrate_speed(state: TrainingState, dataset, collate: Callable,
