@@ -19,7 +19,7 @@ from functools import partial
 from typing import NamedTuple, Optional, Union
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, to_2tuple
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -100,6 +100,15 @@ class ConvStemPatchEmbed(PatchEmbed):
             channels = out
         layers.append(nn.Conv2d(channels, width, 1, bias=bias))
         self.proj = nn.Sequential(*layers)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's: a new image size re-derives the token grid. The stem's depth is fixed by its
+        patch size, so unlike a patchify layer it cannot be resampled to another one."""
+        if patch_size is not None and tuple(to_2tuple(patch_size)) != tuple(self.patch_size):
+            raise ValueError(f"patch_size: the convolutional stem has {len(self.proj) // 2} "
+                             f"stride-2 layers for patches of {self.patch_size[0]}; it cannot "
+                             f"change to {patch_size} (build a model with that --patch_size)")
+        super().set_input_size(img_size=img_size)
 
 
 # Below these sequence lengths the explicit attention beats F.scaled_dot_product_attention for

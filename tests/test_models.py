@@ -116,6 +116,21 @@ def test_conv_stem_gives_the_patchify_grid_at_every_resolution_and_learns():
     assert grid == (4, 4) and attn.shape[-1] == 16
 
 
+def test_conv_stem_follows_a_new_image_size_and_refuses_a_new_patch_size():
+    vit = build_vit("vit_tiny", patch_size=8, img_size=32, depth=1, embed_dim=96, num_heads=3,
+                    patch_embed="conv")
+    stem = [p.clone() for p in vit.patch_embed.parameters()]
+    vit.set_input_size(img_size=64)  # timm's API: the grid and the position embedding follow
+    assert vit.patch_embed.grid_size == (8, 8) and vit.pos_embed.shape[1] == 1 + 64
+    assert vit(torch.randn(1, 3, 64, 64)).shape == (1, 96)
+    with pytest.raises(ValueError, match=r"patch_size: the convolutional stem has 3 stride-2 "
+                                         r"layers for patches of 8; it cannot change to 4"):
+        vit.set_input_size(patch_size=4)
+    vit.set_input_size(patch_size=8)  # the same patch size is no change
+    assert vit.patch_embed.grid_size == (8, 8)
+    assert all(torch.equal(a, b) for a, b in zip(stem, vit.patch_embed.parameters()))
+
+
 def _vit_outputs_and_grads(vit, x, dtype):
     vit.zero_grad()
     with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
