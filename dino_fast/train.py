@@ -369,11 +369,11 @@ def build_training_state(args: argparse.Namespace, env: DistEnv, student: nn.Mod
                          amp_dtype=amp_dtype, guard=NonFiniteGuard(env.device), log=log)
 
 
-# --epochs auto: training steps untimed (first-step allocations, optimizer state, compilation),
-# then timed, with the run's loader workers (on 2 cores they compete with the step's threads);
-# the budget keeps a margin for the per-epoch checkpoint and curves and for the speed drifting
-# during the run (epochs of the CIFAR-10 command on a 2-core VM: 180-205 img/s, its 20-step
-# calibration 220).
+# --epochs auto: training steps untimed (first-step allocations, optimizer state, compilation,
+# the loader's start), then timed, with the run's loader workers (on 2 cores they compete with
+# the step's threads). The budget keeps a margin for the per-epoch checkpoint and curves and for
+# the speed drifting during the run: the README's CIFAR-10 command on a 2-core AVX2 VM ran its
+# epochs at 169-218 img/s; three calibrations there gave 161, 182 and 186.
 CALIBRATION_STEPS = (3, 20)
 BUDGET_MARGIN = 0.06
 
@@ -389,22 +389,28 @@ def calibrate_speed(state: TrainingState, dataset, collate: Callable,
     saved_scaler = copy.deepcopy(state.scaler.state_dict()) if state.scaler else None
     quiet = dataclasses.replace(state, log=JsonlLog(".", enabled=False))
     seed = derive_seed(args.seed, env.rank, -1, stream=3)
-    rates = []
-    for steps in CALIBRATION_STEPS:
-        n = steps * args.batch_size_per_gpu  # (indices repeat when the data set is smaller)
-        loader = DataLoader(Subset(dataset, [i % len(dataset) for i in range(n)]),
-                            batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                            drop_last=True, collate_fn=collate)
-        stats = train_one_epoch(quiet, loader, make_crops_fn(batch_augmentation, seed, env.device),
-                                0, make_masks_fn(args, seed, env.device), progress=False)
-        rates.append(stats["images_per_s"])
+    warm, timed = CALIBRATION_STEPS
+    n = (warm + timed) * args.batch_size_per_gpu  # (indices repeat when the data set is smaller)
+    loader = DataLoader(Subset(dataset, [i % len(dataset) for i in range(n)]),
+                        batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                        drop_last=True, collate_fn=collate)
+    make_crops, starts = make_crops_fn(batch_augmentation, seed, env.device), []
+
+    def crops_of(images):  # called at the start of each step: the clock of the timed steps
+        starts.append(time.perf_counter())
+        return make_crops(images)
+
+    train_one_epoch(quiet, loader, crops_of, 0, make_masks_fn(args, seed, env.device),
+                    progress=False)
+    seconds = time.perf_counter() - starts[warm]
     for module, state_dict in zip((state.student, state.teacher, state.optimizer), saved):
         module.load_state_dict(state_dict)
     if state.scaler is not None:
         state.scaler.load_state_dict(saved_scaler)
     state.optimizer.zero_grad(set_to_none=True)
     # every rank must choose the same number of epochs
-    return distributed.all_reduce_mean(rates[-1], env.device)
+    return distributed.all_reduce_mean(timed * args.batch_size_per_gpu * env.world_size / seconds,
+                                       env.device)
 
 
 def epochs_for_budget(budget_s: float, epoch_s: float, knn_s: float = 0.0,
