@@ -242,7 +242,7 @@ def train_dino(args: argparse.Namespace) -> dict:
     # ============ preparing loss and schedulers ... ============
     iters = len(data_loader)  # (auto: the provisional schedules also span the calibration)
     state = build_training_state(args, env, student, teacher, optimizer, scaler, amp_dtype,
-                                 max(iters, *CALIBRATION_STEPS) if auto_epochs else iters, log)
+                                 max(iters, sum(CALIBRATION_STEPS)) if auto_epochs else iters, log)
 
     # ============ optionally resume training ... ============
     start_epoch = 0
