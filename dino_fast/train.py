@@ -262,6 +262,7 @@ def train_dino(args: argparse.Namespace) -> dict:
         knn_seconds = time.perf_counter() - knn_start
     if auto_epochs:  # --epochs auto: as many as the measured speed fits in the time budget
         images_per_s = calibrate_speed(state, dataset, collate, batch_augmentation)
+        knn_seconds = distributed.all_reduce_mean(knn_seconds, device)  # the same on every rank
         epoch_seconds = iters * args.batch_size_per_gpu * env.world_size / images_per_s
         args.epochs = epochs_for_budget(60 * args.max_train_minutes, epoch_seconds, knn_seconds,
                                         args.knn_freq)

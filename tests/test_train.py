@@ -311,6 +311,19 @@ def test_two_processes_on_gloo_train_and_only_rank_0_speaks(tmp_path):
     assert float(final) == pytest.approx(alone["knn_top1"], abs=0.01)
 
 
+def test_two_processes_agree_on_the_epochs_auto_chooses(tmp_path):
+    out = tmp_path / "ddp_auto"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "dino_fast.train", *TINY, "--output_dir", str(out), "--attention_images", "0",
+           "--epochs", "auto", "--max_train_minutes", "0.02", "--knn_freq", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # a rank that chose otherwise would hang
+    chosen = re.findall(r"epochs: (\d+) fit in --max_train_minutes 0.02", proc.stdout)
+    assert len(chosen) == 1  # said by rank 0 only
+    assert load_checkpoint(out / "checkpoint.pth")["args"]["epochs"] == int(chosen[0])
+
+
 def test_progress_bar_draws_in_place_and_stays_silent_when_disabled():
     buf = io.StringIO()
     bar = ProgressBar(10, desc="epoch 1/2", enabled=True, file=buf, min_interval=0)
