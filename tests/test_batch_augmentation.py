@@ -242,6 +242,32 @@ def test_hue_matches_torchvision_per_image():
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
 
 
+def _hue_with_reductions(x, factor):
+    """adjust_hue written with torchvision's own steps: channel max / min as reductions, the hue
+    wrapped with fmod."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(dim=1).values, x.min(dim=1).values
+    cr = maxc - minc
+    cr_divisor = torch.where(cr == 0, torch.ones_like(cr), cr)
+    num = torch.where(maxc == r, g - b, torch.where(maxc == g, b - r, r - g))
+    h = num / cr_divisor + torch.where(maxc == r, 0.0, torch.where(maxc == g, 2.0, 4.0))
+    h = torch.remainder(torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1), 1.0) * 6.0
+    centre, sign, offset = (torch.tensor(v).view(1, 3, 1, 1) for v in
+                            ((3.0, 2.0, 4.0), (1.0, -1.0, -1.0), (-1.0, 2.0, 2.0)))
+    shape = ((h.unsqueeze(1) - centre).abs() * sign + offset).clamp(0.0, 1.0)
+    return shape * cr.unsqueeze(1) + minc.unsqueeze(1)
+
+
+def test_hue_is_bit_for_bit_the_reduction_and_fmod_form():
+    x = images(64, 16)
+    x[:4] = x[:4, :1]  # grey images
+    x[4:12] = (x[4:12] * 4).round() / 4  # many ties between channels
+    x[12, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # pure hues: h / 6 + 1 exactly 1 and 4/3
+    x[12, :, 0, 1] = torch.tensor([0.0, 0.0, 1.0])
+    factor = torch.linspace(-0.5, 0.5, 64)
+    assert torch.equal(B.adjust_hue(x.clone(), factor), _hue_with_reductions(x, factor))
+
+
 def test_grayscale_and_solarize_match_torchvision():
     x = images(6, 20)
     torch.testing.assert_close(B.grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6, rtol=0)
