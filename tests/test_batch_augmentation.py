@@ -262,8 +262,9 @@ def test_hue_is_bit_for_bit_the_reduction_and_fmod_form():
     x = images(64, 16)
     x[:4] = x[:4, :1]  # grey images
     x[4:12] = (x[4:12] * 4).round() / 4  # many ties between channels
-    x[12, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # pure hues: h / 6 + 1 exactly 1 and 4/3
-    x[12, :, 0, 1] = torch.tensor([0.0, 0.0, 1.0])
+    # pure red and blue (h / 6 + 1 = 1 and 5/3) in an image whose hue turns forward
+    x[40, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])
+    x[40, :, 0, 1] = torch.tensor([0.0, 0.0, 1.0])
     factor = torch.linspace(-0.5, 0.5, 64)
     assert torch.equal(B.adjust_hue(x.clone(), factor), _hue_with_reductions(x, factor))
 
