@@ -117,3 +117,10 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / get_world_size()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one: for decisions that each rank
+    takes from its own clock but all must take together (a rank that stops alone leaves the
+    others waiting in a collective)."""
+    return all_reduce_mean(1.0 if flag else 0.0, device) > 0

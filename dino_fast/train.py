@@ -283,8 +283,9 @@ def train_dino(args: argparse.Namespace) -> dict:
     start_time = time.perf_counter()
     epoch_times, epochs_done, latest_knn = [], start_epoch, (None, None)
     for epoch in range(start_epoch, args.epochs):
-        if epoch_times and args.max_train_minutes and (
-                time.perf_counter() - start_time + epoch_times[-1] > 60 * args.max_train_minutes):
+        if epoch_times and args.max_train_minutes and distributed.any_rank(
+                time.perf_counter() - start_time + epoch_times[-1] > 60 * args.max_train_minutes,
+                device):  # every rank stops at the same epoch
             say(f"stopping before epoch {epoch + 1}: it would end past --max_train_minutes "
                 f"{args.max_train_minutes:g} (resume with --resume to continue)")
             break

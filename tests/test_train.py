@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -322,6 +323,34 @@ def test_two_processes_agree_on_the_epochs_auto_chooses(tmp_path):
     chosen = re.findall(r"epochs: (\d+) fit in --max_train_minutes 0.02", proc.stdout)
     assert len(chosen) == 1  # said by rank 0 only
     assert load_checkpoint(out / "checkpoint.pth")["args"]["epochs"] == int(chosen[0])
+
+
+def _budget_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    if rank == 1:  # this rank's clock runs 10,000x fast: after one epoch its budget is spent
+        real = train.time.perf_counter
+        train.time.perf_counter = lambda: 1e4 * real()
+    results = train.run([*TINY, "--output_dir", out, "--attention_images", "0",
+                         "--epochs", "3", "--max_train_minutes", "1"])
+    torch.save(results["epochs_trained"], f"{out}.{rank}")
+
+
+def test_ranks_stop_together_when_one_ranks_clock_runs_out(tmp_path):
+    """The time budget is judged on each rank's clock; a rank that stopped alone would leave the
+    others waiting in the next epoch's collectives."""
+    import torch.multiprocessing as mp
+    from helpers import free_port
+    out = str(tmp_path / "run")
+    ctx = mp.start_processes(_budget_worker, args=(2, free_port(), out), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):  # (join returns as each process ends)
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two ranks did not finish within 240 s (a rank stopped alone?)")
+    assert [torch.load(f"{out}.{rank}") for rank in range(2)] == [1, 1]
 
 
 def test_progress_bar_draws_in_place_and_stays_silent_when_disabled():
