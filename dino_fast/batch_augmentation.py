@@ -257,7 +257,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """PIL's GaussianBlur(radius=sigma[b]) of image b (sigma > 0, a CPU tensor): per axis, three
     passes of a box blur of fractional radius r (weight 1 / (2r + 1) on the int(r) pixels each
     side and the centre, the remainder split between the next pixel on either side), edges
-    replicated, horizontal passes first."""
+    replicated; each axis's passes are applied as one matrix per image."""
     b, _, height, width = x.shape
     r = box_blur_radius(sigma)
     whole = torch.floor(r)
