@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from dino_fast import cpu_kernels
 from dino_fast.augmentation import (
     COLOR_JITTER_P,
     FLIP_P,
@@ -166,18 +167,11 @@ def crop_resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: in
     return _resample_table(in_size, out_size)[start, length]
 
 
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
-                  flip: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Crop box n of image n % B (top, left, h, w in pixels), resize it to size x size as PIL
-    resizes that crop with its antialiased bicubic filter, computed in float (PIL's mode "F"),
-    clamp to [0, 1], and mirror it where flip[n]. images: (B, C, H, W) floating; boxes:
-    (R * B, 4) CPU integers as `sample_crop_boxes` returns (R crops of each image); flip:
-    (R * B,) CPU booleans. Returns (R * B, C, size, size).
-
-    PIL's 8-bit path also rounds and clips between its two passes (which pass comes first
-    depends on the Pillow version and the sizes): that moves pixels by about 1/255, and by up
-    to a few percent on the few where a bicubic overshoot at a hard edge was clipped."""
-    b, c, height, width = images.shape
+def crop_weights(boxes: torch.Tensor, b: int, height: int, width: int, size: int,
+                 flip: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The resize weights of `resized_crops` (its arguments, for b images of height x width):
+    (N, size, height) for the rows and (N, size, width) for the columns, float32 on the CPU,
+    the columns mirrored where flip[n]."""
     n = boxes.shape[0]
     if n % b:
         raise ValueError(f"boxes must hold a whole number of crops per image: {n} boxes for "
@@ -191,6 +185,23 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
     wy = crop_resample_weights(top, h, height, size)   # (N, size, H)
     if flip is not None:  # mirrored output columns
         wx = torch.where(flip.to(torch.bool)[:, None, None], wx.flip(1), wx)
+    return wy, wx
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int,
+                  flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Crop box n of image n % B (top, left, h, w in pixels), resize it to size x size as PIL
+    resizes that crop with its antialiased bicubic filter, computed in float (PIL's mode "F"),
+    clamp to [0, 1], and mirror it where flip[n]. images: (B, C, H, W) floating; boxes:
+    (R * B, 4) CPU integers as `sample_crop_boxes` returns (R crops of each image); flip:
+    (R * B,) CPU booleans. Returns (R * B, C, size, size).
+
+    PIL's 8-bit path also rounds and clips between its two passes (which pass comes first
+    depends on the Pillow version and the sizes): that moves pixels by about 1/255, and by up
+    to a few percent on the few where a bicubic overshoot at a hard edge was clipped."""
+    b, c, height, width = images.shape
+    n = boxes.shape[0]
+    wy, wx = crop_weights(boxes, b, height, width, size, flip)
     wx = _to(wx, images).view(n // b, b, size, width)
     wy = _to(wy, images).view(n // b, b, size, height)
     x = torch.einsum("bchw,rbtw->rbcht", images, wx)
@@ -257,8 +268,23 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """PIL's GaussianBlur(radius=sigma[b]) of image b (sigma > 0, a CPU tensor): per axis, three
     passes of a box blur of fractional radius r (weight 1 / (2r + 1) on the int(r) pixels each
     side and the centre, the remainder split between the next pixel on either side), edges
-    replicated; each axis's passes are applied as one matrix per image."""
-    b, _, height, width = x.shape
+    replicated; each axis's passes are applied as one matrix per image (`blur_matrices`)."""
+    down, across = (_to(m, x) for m in blur_matrices(sigma, x.shape[2], x.shape[3]))
+    return down[:, None] @ x @ across[:, None].transpose(-1, -2)
+
+
+def blur_matrices(sigma: torch.Tensor, height: int, width: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matrices of `gaussian_blur` for standard deviations sigma (b,): (b, height, height)
+    and (b, width, width) float64, the blurred image being down @ x @ across^T."""
+    kernel, reach = box_kernels(sigma)
+    # the three replicate-edge passes of each axis as one (size, size) matrix per image
+    return _box_passes_matrix(kernel, reach, height), _box_passes_matrix(kernel, reach, width)
+
+
+def box_kernels(sigma: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The box kernel of one pass of PIL's blur for standard deviations sigma (b,): (b, 2 * reach
+    + 1) float64 taps centred on the pixel, and reach."""
     r = box_blur_radius(sigma)
     whole = torch.floor(r)
     inner = 1.0 / (2 * r + 1)
@@ -268,10 +294,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     kernel = torch.where(offsets <= whole[:, None], inner[:, None],
                          torch.where(offsets == whole[:, None] + 1, outer[:, None],
                                      torch.zeros(())))
-    # the three replicate-edge passes of each axis as one (size, size) matrix per image
-    across = _to(_box_passes_matrix(kernel, reach, width), x)   # (b, W, W)
-    down = _to(_box_passes_matrix(kernel, reach, height), x)    # (b, H, H)
-    return down[:, None] @ x @ across[:, None].transpose(-1, -2)
+    return kernel, reach
 
 
 def _box_passes_matrix(kernel: torch.Tensor, reach: int, size: int) -> torch.Tensor:
@@ -342,30 +365,43 @@ class BatchedCropTransform(CropTransform):
             return torch.rand(n, generator=generator) < p
 
         boxes = sample_crop_boxes(n, height, width, self.scale, self.ratio, generator)
-        x = resized_crops(images, boxes, self.size, flip=coin(self.flip_p))
+        flip = coin(self.flip_p)
 
         jitter = coin(self.jitter_p)
         order = torch.rand(n, 4, generator=generator).argsort(dim=1)  # each image its own order
         factors = [_uniform(n, lo, hi, generator).float() for lo, hi in self._jitter_ranges]
-        x = color_jitter(x, jitter, order, factors)
-
         gray = coin(self.grayscale_p)
-        if gray.any():  # (a CPU test: no sync)
-            x = torch.where(_on(gray, dev).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
-
         blur = coin(self.blur_p)
         sigma = _uniform(n, *self.blur_radius, generator).float()
-        idx = torch.nonzero(blur & (sigma > 0))[:, 0]
-        if len(idx):
-            rows = _on(idx, dev)
-            x[rows] = gaussian_blur(x[rows], sigma[idx])
-
+        blur_idx = torch.nonzero(blur & (sigma > 0))[:, 0]
         sol = coin(self.solarize_p)
+        mean = _constant(tuple(self.mean), dev, images.dtype).view(1, 3, 1, 1)
+        std = _constant(tuple(self.std), dev, images.dtype).view(1, 3, 1, 1)
+
+        fn = cpu_kernels.photometric_kernel() if dev.type == "cpu" and \
+            images.dtype == torch.float32 else None
+        if fn is not None:  # the same operations, one pass per crop (cpu_kernels.photometric)
+            size = self.size
+            ops = torch.where(jitter[:, None], order, torch.full_like(order, -1))
+            slot = torch.full((n,), -1, dtype=torch.int64)
+            slot[blur_idx] = torch.arange(len(blur_idx))
+            taps, reach = box_kernels(sigma[blur_idx]) if len(blur_idx) else \
+                (torch.zeros(1, 1), 0)
+            x = torch.empty(n, 3, size, size)
+            return cpu_kernels.photometric(
+                fn, x, ops, torch.stack(factors, 1), gray, slot, taps, reach, sol,
+                SOLARIZE_THRESHOLD / 255, mean, std,
+                crop_from=(images.contiguous(), *crop_weights(boxes, b, height, width, size, flip)))
+
+        x = resized_crops(images, boxes, self.size, flip=flip)
+        x = color_jitter(x, jitter, order, factors)
+        if gray.any():  # (a CPU test: no sync)
+            x = torch.where(_on(gray, dev).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+        if len(blur_idx):
+            rows = _on(blur_idx, dev)
+            x[rows] = gaussian_blur(x[rows], sigma[blur_idx])
         if sol.any():
             x = torch.where(_on(sol, dev).view(-1, 1, 1, 1), solarize(x), x)
-
-        mean = _constant(tuple(self.mean), dev, x.dtype).view(1, 3, 1, 1)
-        std = _constant(tuple(self.std), dev, x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std
 
 

@@ -1,4 +1,5 @@
-"""The CPU kernel of the eager soft cross-entropy (kernels/cpu_rows.c), built at first use.
+"""The CPU kernels (kernels/cpu_rows.c), built at first use: the eager soft cross-entropy's rows
+and the batched augmentation's photometric pass.
 
 On a CPU a chain of PyTorch ops reads each cache-resident row of the student eight or nine times
 (scale, max, shift, softmax, max, dot, gradient) and pays a call per op and chunk. The C kernel
@@ -9,6 +10,10 @@ into a cache directory (`$DINO_FAST_CACHE/cpu_kernels`, else `~/.cache/dino_fast
 else one in the temporary directory), keyed by the source, the flags and the CPU, and loaded
 with ctypes (a cached build that does not load is rebuilt); threads are Python threads, one
 range of samples each (ctypes releases the GIL), as many as `torch.get_num_threads()`.
+
+The augmentation's colour jitter and grayscale (`photometric`) take each image through all of
+their operations while it is in the cache, where the PyTorch ops make a pass over the batch per
+elementary operation (about a hundred at CIFAR size).
 
 `DINO_FAST_CPU_KERNEL` chooses: `auto` (default: the kernel when it builds, else the PyTorch
 ops, with one warning), `0` (always the ops) or `1` (the kernel, an error when it cannot be
@@ -35,9 +40,12 @@ SOURCE = Path(__file__).resolve().parent / "kernels" / "cpu_rows.c"
 if not SOURCE.is_file():  # an editable install: dino_fast.kernels is the top-level kernels/
     SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "cpu_rows.c"
 # -ffp-contract=off: no fused multiply-adds (clang's default would fuse), so the kernel rounds as
-# the ops path does and the gradient's two products cancel exactly where they should
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"],
-             ["-O3", "-fopenmp-simd", "-ffp-contract=off"], ["-O3", "-ffp-contract=off"])
+# the ops path does and the gradient's two products cancel exactly where they should;
+# -fno-trapping-math: no floating-point traps to preserve (values unchanged), which lets the
+# compiler vectorize the selects of branch-free loops such as the hue rotation's
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"],
+             ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"],
+             ["-O3", "-ffp-contract=off"])
 COMPILE_TIMEOUT_S = 120
 ENV = "DINO_FAST_CPU_KERNEL"
 # a block smaller than this runs on the calling thread: handing it out costs more than it saves
@@ -76,14 +84,18 @@ def _cache_dirs() -> list:
     return [Path(root) / "cpu_kernels", tmp / "cpu_kernels"]
 
 
-def _load(path: Path):
+def _load(path: Path) -> dict:
     lib = ctypes.CDLL(str(path))
-    fn = lib.dino_fast_soft_ce_f32
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    fn = lib.dino_fast_soft_ce_f32
     fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, f32, i64, i64, ptr, ptr, ptr,
                    ctypes.c_double, i64, i64, ptr, ptr]
     fn.restype = None
-    return fn
+    photo = lib.dino_fast_photometric_f32
+    photo.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64,
+                      ptr, f32, ptr, ptr, ptr, i64, i64]
+    photo.restype = None
+    return {"fn": fn, "photometric": photo}
 
 
 def _compile(compiler: str, flags: list, target: Path) -> Optional[str]:
@@ -107,8 +119,8 @@ def _compile(compiler: str, flags: list, target: Path) -> Optional[str]:
     return None
 
 
-def _build() -> ctypes.CDLL:
-    """Compile (or find the cached build of) the kernel and load it; raises with the compiler's
+def _build() -> dict:
+    """Compile (or find the cached build of) the kernels and load them; raises with the compiler's
     messages when no flag set compiles."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or \
         shutil.which("clang")
@@ -141,24 +153,33 @@ def _build() -> ctypes.CDLL:
     raise RuntimeError("the C kernel could not be built or loaded: " + " | ".join(errors))
 
 
-def kernel():
-    """The compiled row function, or None when the ops are to be used (see the module doc)."""
+def _kernel(name: str):
     want = mode()
     if want == "0":
         return None
     with _lock:
         if "fn" not in _state:
             try:
-                _state["fn"], _state["why"] = _build(), "compiled"
+                _state.update(_build(), why="compiled")
             except Exception as exc:  # no compiler, a failed build: the ops still run
-                _state["fn"], _state["why"] = None, f"unavailable: {exc}"
+                _state.update(fn=None, photometric=None, why=f"unavailable: {exc}")
                 if want == "auto":
                     warnings.warn(f"dino_fast: the CPU loss kernel could not be built, the eager "
-                                  f"loss runs on PyTorch ops (slower): {exc}", RuntimeWarning,
-                                  stacklevel=3)
-    if _state["fn"] is None and want == "1":
+                                  f"loss and the batched augmentation run on PyTorch ops "
+                                  f"(slower): {exc}", RuntimeWarning, stacklevel=4)
+    if _state[name] is None and want == "1":
         raise RuntimeError(f"{ENV}=1 but the CPU loss kernel is {_state['why']}")
-    return _state["fn"]
+    return _state[name]
+
+
+def kernel():
+    """The compiled row function, or None when the ops are to be used (see the module doc)."""
+    return _kernel("fn")
+
+
+def photometric_kernel():
+    """The compiled photometric pass, or None when the ops are to be used."""
+    return _kernel("photometric")
 
 
 def status() -> str:
@@ -192,6 +213,19 @@ def _threads(n: int) -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
+def _run(fn, calls: list) -> None:
+    """fn(*call) for every call, the first on the calling thread, the others on the pool."""
+    if len(calls) == 1:
+        fn(*calls[0])
+        return
+    jobs = [_threads(len(calls) - 1).submit(fn, *c) for c in calls[1:]]
+    try:
+        fn(*calls[0])
+    finally:
+        for job in jobs:
+            job.result()
+
+
 MAX_TEACHER_CROPS = 64  # the kernel's per-sample table of teacher rows
 
 
@@ -222,16 +256,50 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
             inv_t, int(teacher_temp is None), len(groups), bounds.data_ptr(), weights.data_ptr(),
             0 if rw is None else rw.data_ptr(), grad_scale / student_temp)
     edges = [B * i // workers for i in range(workers + 1)]
-    calls = [(*args, b0, b1, work[i].data_ptr(), ce.data_ptr())
-             for i, (b0, b1) in enumerate(zip(edges[:-1], edges[1:]))]
-    if workers == 1:
-        fn(*calls[0])
-    else:
-        pool = _threads(workers - 1)  # the calling thread takes the first range
-        jobs = [pool.submit(fn, *c) for c in calls[1:]]
-        try:
-            fn(*calls[0])
-        finally:
-            for job in jobs:
-                job.result()
+    _run(fn, [(*args, b0, b1, work[i].data_ptr(), ce.data_ptr())
+              for i, (b0, b1) in enumerate(zip(edges[:-1], edges[1:]))])
     return ce
+
+
+def photometric(fn, x: torch.Tensor, ops: torch.Tensor, factors: torch.Tensor,
+                gray: torch.Tensor, blur: torch.Tensor, blur_taps: torch.Tensor, reach: int,
+                solarize: torch.Tensor, threshold: float, mean: Optional[torch.Tensor],
+                std: Optional[torch.Tensor], crop_from: Optional[tuple] = None
+                ) -> torch.Tensor:
+    """Run the photometric kernel on x in place and return it.
+
+    x: (n, 3, H, W) contiguous fp32 CPU images in [0, 1]; or, with crop_from = (images, wy, wx),
+    first written with the crops clamp(wy[n] @ images[n % B] @ wx[n]^T, 0, 1) (images (B, 3,
+    H_in, W_in) contiguous fp32, wy (n, H, H_in), wx (n, W, W_in): `resized_crops`, H == W).
+    ops: (n, 4) operation codes per jitter position (0 brightness, 1 contrast, 2 saturation,
+    3 hue, -1 none); factors: (n, 4) (brightness, contrast, saturation, hue); gray, solarize:
+    (n,) booleans; blur: (n,) the image's row in blur_taps (m, 2 * reach + 1), the box kernel of
+    each of PIL's blur passes (`box_kernels`), or -1; threshold: the solarization's; mean, std:
+    3 values each (normalised: (x - mean) / std), or None."""
+    n, _, height, width = x.shape
+    ops = ops.to(torch.int64).contiguous()
+    factors = factors.to(torch.float32).contiguous()
+    flags = [t.to(torch.uint8).contiguous() for t in (gray, solarize)]
+    blur = blur.to(torch.int64).contiguous()
+    blur_taps = blur_taps.to(torch.float32).contiguous()
+    stats = [None if t is None else t.to(torch.float32).contiguous() for t in (mean, std)]
+    images, wy, wx_t, batch, h_in, w_in = None, None, None, 1, 0, 0
+    if crop_from is not None:
+        images, wy, wx = crop_from
+        batch, _, h_in, w_in = images.shape
+        wy = wy.to(torch.float32).contiguous()
+        wx_t = wx.to(torch.float32).transpose(-1, -2).contiguous()
+    workers = max(1, min(torch.get_num_threads(), n,
+                         n * 3 * height * width // MIN_ELEMENTS_PER_THREAD))
+    work = torch.empty(workers, max(height, h_in) * width, dtype=torch.float32)
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    args = (x.data_ptr(), height, width, ptr(images), batch, h_in, w_in, ptr(wy), ptr(wx_t),
+            ops.data_ptr(), factors.data_ptr(), flags[0].data_ptr(), blur.data_ptr(),
+            blur_taps.data_ptr(), reach, flags[1].data_ptr(), threshold, ptr(stats[0]),
+            ptr(stats[1]))
+    edges = [n * i // workers for i in range(workers + 1)]
+    _run(fn, [(*args, work[i].data_ptr(), b0, b1)
+              for i, (b0, b1) in enumerate(zip(edges[:-1], edges[1:]))])
+    return x

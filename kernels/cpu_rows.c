@@ -264,3 +264,220 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
     }
     STREAM_FENCE(); /* the streamed stores are visible before the caller's thread hands over */
 }
+
+/* ----------------------------------------------------------------------------------------------
+ * The photometric pass of the batched augmentation (dino_fast/batch_augmentation.py, whose
+ * formulas this follows operation by operation, in fp32 with no fused multiply-adds): colour
+ * jitter in each image's own order, grayscale, Gaussian blur, solarization and normalisation, on
+ * (n, 3, H, W) float images in [0, 1], in place. One image at a time stays in the L1/L2 cache
+ * through every operation, where the ops path makes a pass over the whole batch per elementary
+ * operation (about a hundred at CIFAR size).
+ *
+ * ops: n * 4 operation codes, position by position (0 brightness, 1 contrast, 2 saturation,
+ * 3 hue, -1 none); factors: n * 4 floats (brightness, contrast, saturation, hue factor);
+ * gray, solarize: n flags; blur: n indices into blur_k (., 2 * reach + 1), the box kernels of
+ * the blur's passes, or -1; mean, std: 3 floats each, or NULL for no
+ * normalisation; work: max(H, H_in) * W floats of this thread. Images b0 .. b1 - 1. */
+
+static inline float clamp01(float v) { return v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v); }
+
+static inline float luma(float r, float g, float b) {
+    return 0.2989f * r + 0.587f * g + 0.114f * b; /* torchvision's rgb_to_grayscale weights */
+}
+
+/* f * x + (1 - f) * other, clamped to [0, 1]: brightness (other 0), contrast (other the mean
+ * grey level), saturation (other the pixel's grey level) */
+static void blend(float *r, float *g, float *b, int64_t hw, int op, float f) {
+    const float keep = 1.0f - f;
+    if (op == 0) {
+        const float zero = keep * 0.0f;
+#pragma omp simd
+        for (int64_t i = 0; i < hw; ++i) {
+            r[i] = clamp01(f * r[i] + zero);
+            g[i] = clamp01(f * g[i] + zero);
+            b[i] = clamp01(f * b[i] + zero);
+        }
+    } else if (op == 1) {
+        double total = 0.0;
+        for (int64_t i0 = 0; i0 < hw; i0 += BLOCK) {
+            const int64_t i1 = i0 + BLOCK < hw ? i0 + BLOCK : hw;
+            float bs = 0.0f;
+#pragma omp simd reduction(+ : bs)
+            for (int64_t i = i0; i < i1; ++i) bs += luma(r[i], g[i], b[i]);
+            total += bs;
+        }
+        const float m = keep * (float)(total / (double)hw);
+#pragma omp simd
+        for (int64_t i = 0; i < hw; ++i) {
+            r[i] = clamp01(f * r[i] + m);
+            g[i] = clamp01(f * g[i] + m);
+            b[i] = clamp01(f * b[i] + m);
+        }
+    } else {
+#pragma omp simd
+        for (int64_t i = 0; i < hw; ++i) {
+            const float m = keep * luma(r[i], g[i], b[i]);
+            r[i] = clamp01(f * r[i] + m);
+            g[i] = clamp01(f * g[i] + m);
+            b[i] = clamp01(f * b[i] + m);
+        }
+    }
+}
+
+/* The hue rotation by `turns` through HSV (batch_augmentation.adjust_hue's formulas). Every
+ * candidate value is computed, then selected: branch-free, so the loop vectorizes. */
+static void hue(float *r, float *g, float *b, int64_t hw, float turns) {
+#pragma omp simd
+    for (int64_t i = 0; i < hw; ++i) {
+        const float R = r[i], G = g[i], B = b[i];
+        const float rg_hi = R > G ? R : G, rg_lo = R < G ? R : G;
+        const float hi = rg_hi > B ? rg_hi : B, lo = rg_lo < B ? rg_lo : B;
+        const float cr = hi - lo, div = cr == 0.0f ? 1.0f : cr;
+        /* the maximum's channel, r before g before b: (g - b) / cr, 2 + (b - r) / cr, 4 + ... */
+        const float from_r = G - B, from_g = B - R, from_b = R - G;
+        float num = from_b, add = 4.0f;
+        num = hi == G ? from_g : num;
+        add = hi == G ? 2.0f : add;
+        num = hi == R ? from_r : num;
+        add = hi == R ? 0.0f : add;
+        float h = num / div + add;
+        h = h / 6.0f + 1.0f;
+        const float h_less = h - 1.0f;
+        h = h >= 1.0f ? h_less : h;
+        /* torch.remainder(h + turns, 1) for h + turns in [-0.5, 1.5) (h in [0, 1), turns in
+         * [-0.5, 0.5]): fmod's exact result, + 1 where it is negative */
+        const float t0 = h + turns, up = t0 + 1.0f, down = t0 - 1.0f;
+        const float t = (t0 < 0.0f ? up : (t0 >= 1.0f ? down : t0)) * 6.0f;
+        r[i] = clamp01(fabsf(t - 3.0f) * 1.0f + -1.0f) * cr + lo;
+        g[i] = clamp01(fabsf(t - 2.0f) * -1.0f + 2.0f) * cr + lo;
+        b[i] = clamp01(fabsf(t - 4.0f) * -1.0f + 2.0f) * cr + lo;
+    }
+}
+
+/* PIL's Gaussian blur of a plane (H, W): BLUR_PASSES passes of the box kernel k (2 * reach + 1
+ * taps) down the columns, then as many along the rows, edge pixels replicated (what the ops
+ * path's matrices down and across hold). work: H * W floats. */
+#define BLUR_PASSES 3
+static void blur_plane(float *plane, int64_t H, int64_t W, const float *k, int64_t reach,
+                       float *work) {
+    for (int pass = 0; pass < BLUR_PASSES; ++pass) { /* down the columns, a row at a time */
+        for (int64_t i = 0; i < H; ++i) {
+            float *out = work + i * W;
+            memset(out, 0, (size_t)W * sizeof(float));
+            for (int64_t j = -reach; j <= reach; ++j) {
+                const float kj = k[j + reach];
+                const int64_t src = i + j < 0 ? 0 : (i + j >= H ? H - 1 : i + j);
+                const float *row = plane + src * W;
+#pragma omp simd
+                for (int64_t c = 0; c < W; ++c) out[c] += kj * row[c];
+            }
+        }
+        memcpy(plane, work, (size_t)(H * W) * sizeof(float));
+    }
+    for (int64_t i = 0; i < H; ++i) { /* along the rows */
+        float *row = plane + i * W, *tmp = work;
+        for (int pass = 0; pass < BLUR_PASSES; ++pass) {
+            for (int64_t c = 0; c < W; ++c) {
+                float acc = 0.0f;
+                for (int64_t j = -reach; j <= reach; ++j) {
+                    const int64_t src = c + j < 0 ? 0 : (c + j >= W ? W - 1 : c + j);
+                    acc += k[j + reach] * row[src];
+                }
+                tmp[c] = acc;
+            }
+            memcpy(row, tmp, (size_t)W * sizeof(float));
+        }
+    }
+}
+
+/* x (3, S, S) <- clamp(wy @ image_c @ wx_t, 0, 1) per channel: PIL's resize of a crop as two
+ * products (resized_crops' weights, wx transposed to (W, S)); rows and columns whose weights
+ * are all zero (outside the crop and its filter's support) are skipped. work: H * S floats. */
+static void resize_crop(const float *image, int64_t H, int64_t W, const float *wy,
+                        const float *wx_t, int64_t S, float *x, float *work) {
+    int64_t w0 = W, w1 = 0, h0 = H, h1 = 0;
+    for (int64_t w = 0; w < W; ++w)
+        for (int64_t t = 0; t < S; ++t)
+            if (wx_t[w * S + t] != 0.0f) {
+                w0 = w < w0 ? w : w0;
+                w1 = w + 1;
+                break;
+            }
+    for (int64_t s = 0; s < S; ++s)
+        for (int64_t h = 0; h < H; ++h)
+            if (wy[s * H + h] != 0.0f) {
+                h0 = h < h0 ? h : h0;
+                h1 = h + 1 > h1 ? h + 1 : h1;
+            }
+    for (int c = 0; c < 3; ++c) {
+        const float *plane = image + c * H * W;
+        float *out = x + c * S * S;
+        for (int64_t h = h0; h < h1; ++h) { /* work[h] = image_c[h] @ wx_t */
+            float *row = work + h * S;
+            memset(row, 0, (size_t)S * sizeof(float));
+            for (int64_t w = w0; w < w1; ++w) {
+                const float v = plane[h * W + w], *wt = wx_t + w * S;
+#pragma omp simd
+                for (int64_t t = 0; t < S; ++t) row[t] += v * wt[t];
+            }
+        }
+        for (int64_t s = 0; s < S; ++s) {
+            float *row = out + s * S;
+            memset(row, 0, (size_t)S * sizeof(float));
+            for (int64_t h = h0; h < h1; ++h) {
+                const float a = wy[s * H + h], *src = work + h * S;
+                if (a == 0.0f) continue;
+#pragma omp simd
+                for (int64_t t = 0; t < S; ++t) row[t] += a * src[t];
+            }
+#pragma omp simd
+            for (int64_t t = 0; t < S; ++t) row[t] = clamp01(row[t]);
+        }
+    }
+}
+
+/* images == NULL: x holds the crops already. Otherwise crop n is first made from image n % B of
+ * images (B, 3, H_in, W_in) with the weights wy (n, H, H_in) and wx_t (n, W_in, W) (H == W). */
+void dino_fast_photometric_f32(float *x, int64_t H, int64_t W, const float *images, int64_t B,
+                               int64_t H_in, int64_t W_in, const float *wy, const float *wx_t,
+                               const int64_t *ops,
+                               const float *factors, const uint8_t *gray, const int64_t *blur,
+                               const float *blur_k, int64_t reach,
+                               const uint8_t *solarize, float threshold, const float *mean,
+                               const float *std, float *work, int64_t b0, int64_t b1) {
+    const int64_t hw = H * W;
+    for (int64_t n = b0; n < b1; ++n) {
+        float *r = x + n * 3 * hw, *g = r + hw, *b = g + hw;
+        if (images)
+            resize_crop(images + (n % B) * 3 * H_in * W_in, H_in, W_in, wy + n * H * H_in,
+                        wx_t + n * W_in * W, W, r, work);
+        for (int p = 0; p < 4; ++p) {
+            const int64_t op = ops[n * 4 + p];
+            if (op >= 0 && op <= 2)
+                blend(r, g, b, hw, (int)op, factors[n * 4 + op]);
+            else if (op == 3)
+                hue(r, g, b, hw, factors[n * 4 + 3]);
+        }
+        if (gray[n]) {
+#pragma omp simd
+            for (int64_t i = 0; i < hw; ++i) r[i] = g[i] = b[i] = luma(r[i], g[i], b[i]);
+        }
+        if (blur[n] >= 0)
+            for (int c = 0; c < 3; ++c)
+                blur_plane(r + c * hw, H, W, blur_k + blur[n] * (2 * reach + 1), reach, work);
+        if (solarize[n]) {
+#pragma omp simd
+            for (int64_t i = 0; i < 3 * hw; ++i) {
+                const float v = r[i], flipped = 1.0f - v;
+                r[i] = v >= threshold ? flipped : v;
+            }
+        }
+        if (mean)
+            for (int c = 0; c < 3; ++c) {
+                float *plane = r + c * hw;
+                const float m = mean[c], s = std[c];
+#pragma omp simd
+                for (int64_t i = 0; i < hw; ++i) plane[i] = (plane[i] - m) / s;
+            }
+    }
+}

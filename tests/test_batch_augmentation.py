@@ -10,6 +10,7 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 import dino_fast.batch_augmentation as B
+from dino_fast import cpu_kernels
 from dino_fast.augmentation import DataAugmentationDINO
 from dino_fast.batch_augmentation import (
     BatchedDataAugmentationDINO,
@@ -21,6 +22,17 @@ from dino_fast.batch_augmentation import (
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+needs_cpu_kernel = pytest.mark.skipif(cpu_kernels.status() != "compiled",
+                                      reason="the CPU kernels cannot be built here")
+
+
+@pytest.fixture(params=["ops", pytest.param("kernel", marks=needs_cpu_kernel)])
+def path(request, monkeypatch):
+    """The batched augmentation on the PyTorch ops, or on the CPU kernel (cpu_kernels)."""
+    monkeypatch.setenv("DINO_FAST_CPU_KERNEL", "0" if request.param == "ops" else "1")
+    return request.param
 
 
 def images(n=8, size=32, seed=0):
@@ -317,6 +329,7 @@ def test_colour_jitter_applies_each_images_own_order():
 
 
 def test_each_image_draws_its_own_jitter_order(monkeypatch):
+    monkeypatch.setenv("DINO_FAST_CPU_KERNEL", "0")  # the ops path, where color_jitter is seen
     seen = []
     real = B.color_jitter
     monkeypatch.setattr(B, "color_jitter",
@@ -360,9 +373,9 @@ def test_cuda_batch_gives_the_cpu_crops_without_a_host_sync():
 @pytest.mark.parametrize("which,blur_p,solarize_p", [("global_transfo1", 1.0, 0.0),
                                                      ("global_transfo2", 0.1, 0.2),
                                                      ("local_transfo", 0.5, 0.0)])
-def test_each_crop_follows_the_official_recipe(monkeypatch, which, blur_p, solarize_p):
+def test_each_crop_follows_the_official_recipe(monkeypatch, path, which, blur_p, solarize_p):
     """Rates of each random operation over 2000 images, told apart by their effect on images
-    made for it; 4-sigma bands (binomial sd <= 0.011), fixed seed."""
+    made for it; 4-sigma bands (binomial sd <= 0.011), fixed seed; on both paths."""
     aug = BatchedDataAugmentationDINO(global_size=16, local_size=8, mean=(0, 0, 0),
                                       std=(1, 1, 1))
     t = getattr(aug, which)
@@ -390,8 +403,8 @@ def test_each_crop_follows_the_official_recipe(monkeypatch, which, blur_p, solar
     bright = torch.full((n, 3, 32, 32), 0.9)
     solarized = measure(bright, lambda y: y.mean(dim=(1, 2, 3)) < 0.5, "solarize_p")
     blurred = []
-    real_blur = B.gaussian_blur
-    monkeypatch.setattr(B, "gaussian_blur", lambda x, s: blurred.append(s) or real_blur(x, s))
+    real_kernels = B.box_kernels  # both paths take the blurred images' kernels from it
+    monkeypatch.setattr(B, "box_kernels", lambda s: blurred.append(s) or real_kernels(s))
     measure(images(n, 32), lambda y: y[:, 0, 0, 0] > -1, "blur_p")
     sigmas = torch.cat(blurred) if blurred else torch.zeros(0)
     assert flipped == pytest.approx(0.5, abs=tol)
@@ -400,6 +413,144 @@ def test_each_crop_follows_the_official_recipe(monkeypatch, which, blur_p, solar
     assert solarized == pytest.approx(solarize_p, abs=tol if solarize_p else 0)
     assert len(sigmas) / n == pytest.approx(blur_p, abs=tol if blur_p < 1 else 0)
     assert ((sigmas >= aug.blur_radius[0]) & (sigmas <= aug.blur_radius[1])).all()
+
+
+# ---------------------------------------------------------------- the CPU kernel
+
+def _photometric(x, ops=None, factors=None, gray=None, blur=None, taps=None, reach=0,
+                 sol=None, mean=None, std=None, crop_from=None):
+    """cpu_kernels.photometric on a copy of x, every operation off unless given."""
+    n = x.shape[0]
+    off = torch.zeros(n, dtype=torch.bool)
+    return cpu_kernels.photometric(
+        cpu_kernels.photometric_kernel(), x.clone(),
+        torch.full((n, 4), -1) if ops is None else ops,
+        torch.zeros(n, 4) if factors is None else factors, off if gray is None else gray,
+        torch.full((n,), -1) if blur is None else blur,
+        torch.zeros(1, 1) if taps is None else taps, reach, off if sol is None else sol,
+        128 / 255, mean, std, crop_from=crop_from)
+
+
+def _awkward_images(n=24, size=12, seed=5):
+    """Random images with grey pixels (chroma 0), ties of the largest channel (r = g, g = b,
+    r = b), pure black and white ones and pixels at the solarization threshold."""
+    x = images(n, size, seed)
+    x[0] = x[0, :1]
+    x[1, 1] = x[1, 0]
+    x[2, 2] = x[2, 1]
+    x[3, 2] = x[3, 0]
+    x[4], x[5] = 0.0, 1.0
+    x[8, :, :2] = torch.tensor(128, dtype=torch.uint8).float() / 255  # the solarization threshold
+    return x
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("op", [0, 2, 3])
+def test_kernel_jitter_is_bit_for_bit_the_ops(op):
+    """Brightness, saturation and hue, each at every position and in random orders with the
+    others: the kernel's fp32 formulas are the ops path's, rounding for rounding."""
+    x = _awkward_images()
+    n = x.shape[0]
+    factors = [torch.linspace(0.6, 1.4, n), torch.linspace(1.4, 0.6, n),
+               torch.linspace(0.8, 1.2, n), torch.linspace(-0.5, 0.5, n)]
+    single = torch.full((n, 4), -1)
+    single[torch.arange(n), torch.arange(n) % 4] = op  # op alone, at position n % 4
+    mixed = torch.rand(n, 4, generator=gen(1)).argsort(1)
+    mixed[mixed == 1] = -1  # (contrast's mean is summed in another order: the next test)
+    for ops in (single, mixed):  # (color_jitter takes -1 as "nothing at this position")
+        ref = B.color_jitter(x.clone(), torch.ones(n, dtype=torch.bool), ops, factors)
+        out = _photometric(x, ops=ops, factors=torch.stack(factors, 1))
+        assert torch.equal(out, ref)
+
+
+@needs_cpu_kernel
+def test_kernel_contrast_grayscale_solarize_and_normalisation_are_the_ops():
+    x = _awkward_images()
+    n = x.shape[0]
+    ops = torch.full((n, 4), -1)
+    ops[:, 1] = 1
+    f = torch.linspace(0.6, 1.4, n)
+    gray = torch.arange(n) % 3 == 0
+    sol = torch.arange(n) % 2 == 0
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    factors = torch.stack([torch.ones(n), f, torch.ones(n), torch.zeros(n)], 1)
+    out = _photometric(x, ops=ops, factors=factors, gray=gray, sol=sol, mean=mean, std=std)
+    ref = B.color_jitter(x.clone(), torch.ones(n, dtype=torch.bool),
+                         torch.tensor([1, 0, 2, 3]).expand(n, 4),
+                         [torch.ones(n), f, torch.ones(n), torch.zeros(n)])
+    # brightness 1 and saturation 1 are exactly the identity on the ops path
+    ref = torch.where(gray.view(-1, 1, 1, 1), B.grayscale(ref).expand_as(ref), ref)
+    ref = torch.where(sol.view(-1, 1, 1, 1), B.solarize(ref), ref)
+    ref = (ref - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.testing.assert_close(out, ref, atol=5e-6, rtol=0)  # the mean's rounding, / std
+    plain = _photometric(x, gray=gray, sol=sol, mean=mean, std=std)  # no jitter: bit for bit
+    ref = torch.where(gray.view(-1, 1, 1, 1), B.grayscale(x).expand_as(x), x)
+    ref = (torch.where(sol.view(-1, 1, 1, 1), B.solarize(ref), ref) - mean.view(1, 3, 1, 1)) \
+        / std.view(1, 3, 1, 1)
+    assert torch.equal(plain, ref)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("size,lo,hi", [(16, 0.01, 0.3), (12, 0.5, 2.5), (7, 2.0, 6.0)])
+def test_kernel_blur_is_gaussian_blur(size, lo, hi):
+    """Three box passes per axis, edges replicated, up to reaches wider than the image."""
+    x = images(10, size, seed=2)
+    sigma = lo + (hi - lo) * torch.rand(10, generator=gen(3))
+    which = torch.tensor([0, 2, 3, 5, 9])
+    taps, reach = B.box_kernels(sigma[which])
+    blur = torch.full((10,), -1)
+    blur[which] = torch.arange(len(which))
+    out = _photometric(x, blur=blur, taps=taps, reach=reach)
+    ref = x.clone()
+    ref[which] = B.gaussian_blur(x[which], sigma[which])
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    assert torch.equal(out[blur < 0], x[blur < 0])
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("height,width,size", [(32, 32, 32), (32, 32, 16), (20, 36, 12),
+                                               (9, 9, 24)])
+def test_kernel_crops_are_resized_crops(height, width, size):
+    """Crops of several images (crop n of image n % B), mirrored or not, shrunk and enlarged,
+    whole images and one-pixel boxes at the borders."""
+    src = torch.rand(3, 3, height, width, generator=gen(7))
+    boxes = sample_crop_boxes(12, height, width, (0.05, 1.0), generator=gen(8))
+    boxes[0] = torch.tensor([0, 0, height, width])
+    boxes[1] = torch.tensor([height - 1, width - 1, 1, 1])
+    flip = torch.arange(12) % 3 == 1
+    ref = B.resized_crops(src, boxes, size, flip=flip)
+    out = _photometric(torch.empty(12, 3, size, size),
+                       crop_from=(src, *B.crop_weights(boxes, 3, height, width, size, flip)))
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("global_size,local_size,nlocal,src", [(32, 16, 6, 32), (24, 8, 3, 40)])
+def test_kernel_and_ops_make_the_same_crops(monkeypatch, global_size, local_size, nlocal, src):
+    """The whole recipe with the same generator state: the kernel's crops are the ops path's to
+    float rounding (the random draws do not depend on the path)."""
+    aug = BatchedDataAugmentationDINO(local_crops_number=nlocal, global_size=global_size,
+                                      local_size=local_size)
+    x = (images(16, src, seed=9) * 255).to(torch.uint8)
+    monkeypatch.setenv("DINO_FAST_CPU_KERNEL", "1")
+    g = gen(4)
+    fast = aug(x, g)
+    after = torch.rand(3, generator=g)
+    monkeypatch.setenv("DINO_FAST_CPU_KERNEL", "0")
+    g = gen(4)
+    ref = aug(x, g)
+    assert torch.equal(torch.rand(3, generator=g), after)  # the same draws
+    for a, r in zip(fast, ref, strict=True):
+        assert a.shape == r.shape and a.dtype == r.dtype and a.is_contiguous()
+        torch.testing.assert_close(a, r, atol=4e-5, rtol=0)  # normalised units (/ std ~ 0.23)
+
+
+def test_ops_path_runs_where_the_kernel_is_off(monkeypatch):
+    monkeypatch.setenv("DINO_FAST_CPU_KERNEL", "0")
+    monkeypatch.setattr(cpu_kernels, "photometric", lambda *a, **k: pytest.fail("kernel ran"))
+    crops = BatchedDataAugmentationDINO(local_crops_number=1, global_size=8, local_size=4)(
+        images(4, 8), gen())
+    assert [tuple(c.shape) for c in crops] == [(4, 3, 8, 8)] * 2 + [(4, 3, 4, 4)]
 
 
 # ---------------------------------------------------------------- loader pieces
