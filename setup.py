@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.9",
     packages=["dino_fast", "dino_fast.kernels"],
     package_dir={"dino_fast": "dino_fast", "dino_fast.kernels": "kernels"},
-    package_data={"dino_fast.kernels": ["*.c"]},  # the CPU loss kernel, compiled at first use
+    package_data={"dino_fast.kernels": ["*.c"]},  # the CPU kernels, compiled at first use
     install_requires=[
         # Lower bounds the tests pass on (.ci/compat: torch 2.11 / torchvision 0.26 / triton
         # 3.6; .ci/run: the current releases); ranges, never an exact torch, so that pip does

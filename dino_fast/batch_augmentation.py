@@ -13,6 +13,11 @@ applies the same operations to the whole batch at once, a few tensor calls per o
         box-blur passes per axis with a fractional radius, per-image standard deviation),
         solarization (threshold 128/255), normalisation.
 
+On a CPU in fp32 every crop goes through all of these operations in one compiled pass while it is
+in the cache (`dino_fast.cpu_kernels.photometric`, the C kernel of the loss's library; the same
+formulas, bit for bit but for the rounding of the resize's and blur's sums and contrast's mean);
+elsewhere, or with DINO_FAST_CPU_KERNEL=0, a few tensor calls per operation over the batch.
+
 Input: (B, 3, H, W) uint8 (0..255) or floating images in [0, 1] (a float batch in 0..255 is
 not detected and saturates), all of one size (CIFAR, the procedural data). Output:
 2 + local_crops_number float32 batches, crop-major as `collate_crops` gives them, on the input's

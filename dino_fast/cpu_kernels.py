@@ -164,11 +164,11 @@ def _kernel(name: str):
             except Exception as exc:  # no compiler, a failed build: the ops still run
                 _state.update(fn=None, photometric=None, why=f"unavailable: {exc}")
                 if want == "auto":
-                    warnings.warn(f"dino_fast: the CPU loss kernel could not be built, the eager "
+                    warnings.warn(f"dino_fast: the CPU kernels could not be built, the eager "
                                   f"loss and the batched augmentation run on PyTorch ops "
                                   f"(slower): {exc}", RuntimeWarning, stacklevel=4)
     if _state[name] is None and want == "1":
-        raise RuntimeError(f"{ENV}=1 but the CPU loss kernel is {_state['why']}")
+        raise RuntimeError(f"{ENV}=1 but the CPU kernels are {_state['why']}")
     return _state[name]
 
 

@@ -166,7 +166,7 @@ def train_dino(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the patch embedding is a convolution
     backend = resolve_backend(args.backend, device, "train")
-    kernel = f" (CPU loss kernel {cpu_kernels.status()})" if backend == "eager" and \
+    kernel = f" (CPU kernels {cpu_kernels.status()})" if backend == "eager" and \
         device.type == "cpu" and precision == "fp32" else ""
     say(f"dino_fast: {env.world_size} process(es) on {device}, {precision}, "
         f"{'compiled' if use_compile else 'eager'} ViT, loss/EMA backend {backend}{kernel}")

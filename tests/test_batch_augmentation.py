@@ -545,6 +545,21 @@ def test_kernel_and_ops_make_the_same_crops(monkeypatch, global_size, local_size
         torch.testing.assert_close(a, r, atol=4e-5, rtol=0)  # normalised units (/ std ~ 0.23)
 
 
+def test_without_a_compiler_the_ops_make_the_crops(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DINO_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(cpu_kernels.ENV, "auto")
+    aug = BatchedDataAugmentationDINO(local_crops_number=1, global_size=8, local_size=4)
+    with pytest.warns(RuntimeWarning, match="could not be built.*batched augmentation"):
+        crops = aug(images(4, 8), gen())
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert all(torch.equal(a, b) for a, b in zip(crops, aug(images(4, 8), gen()), strict=True))
+    monkeypatch.setenv(cpu_kernels.ENV, "1")
+    with pytest.raises(RuntimeError, match="DINO_FAST_CPU_KERNEL=1 but the CPU kernels are "):
+        aug(images(4, 8), gen())
+
+
 def test_ops_path_runs_where_the_kernel_is_off(monkeypatch):
     monkeypatch.setenv("DINO_FAST_CPU_KERNEL", "0")
     monkeypatch.setattr(cpu_kernels, "photometric", lambda *a, **k: pytest.fail("kernel ran"))

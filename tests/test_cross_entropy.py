@@ -297,7 +297,7 @@ def test_without_a_compiler_the_ops_run_with_a_warning(monkeypatch, tmp_path):
     assert rel_rms(loss, ref) <= LOSS_RTOL[torch.float32]
     assert cpu_kernels.status().startswith("unavailable: the C kernel could not be built")
     monkeypatch.setenv(cpu_kernels.ENV, "1")
-    with pytest.raises(RuntimeError, match="DINO_FAST_CPU_KERNEL=1 but the CPU loss kernel is "
+    with pytest.raises(RuntimeError, match="DINO_FAST_CPU_KERNEL=1 but the CPU kernels are "
                                            "unavailable"):
         soft_cross_entropy(student, teacher, DINO_2_2, student_temp=0.1, teacher_temp=0.04)
     monkeypatch.setenv(cpu_kernels.ENV, "yes")
