@@ -1,6 +1,7 @@
 """The multi-crop augmentation of one batch: the official per-image PIL pipeline
 (`DataAugmentationDINO` on each image, then `collate_crops`, as a DataLoader worker runs it) vs
-`BatchedDataAugmentationDINO` on the uint8 batch (one tensor call per operation).
+`BatchedDataAugmentationDINO` on the uint8 batch (on the CPU: its compiled pass per crop, and
+its PyTorch ops, a few tensor calls per operation over the batch).
 
 CPU: B = 32 procedural images of 32 px, 2 + 4 crops of 32 / 16 px (the CIFAR-10 command's
 shapes). CUDA: B = 64 images of 256 px, 2 + 10 crops of 224 / 96 px, the batched path on the GPU
@@ -11,11 +12,13 @@ differ, so the pixels cannot be compared one to one (tests/test_batch_augmentati
 each operation exactly).
 """
 import functools
+import os
 
 import pytest
 import torch
 
 from benchmarks.roofline import peak_memory, record, synchronized
+from dino_fast import cpu_kernels
 from dino_fast.augmentation import DataAugmentationDINO, collate_crops
 from dino_fast.batch_augmentation import BatchedDataAugmentationDINO, to_uint8_tensor
 from dino_fast.data import ProceduralShapes
@@ -47,6 +50,17 @@ class _Setup:
     def run_batched(self):
         return self.batched(self.uint8, self.generator)
 
+    def run_batched_ops(self):  # the batched augmentation without the CPU kernel
+        before = os.environ.get(cpu_kernels.ENV)
+        os.environ[cpu_kernels.ENV] = "0"
+        try:
+            return self.batched(self.uint8, self.generator)
+        finally:
+            if before is None:
+                del os.environ[cpu_kernels.ENV]
+            else:
+                os.environ[cpu_kernels.ENV] = before
+
 
 @functools.cache
 def setup(device) -> _Setup:
@@ -54,13 +68,19 @@ def setup(device) -> _Setup:
     return _Setup(device)
 
 
+OPS = "dino_fast batched, PyTorch ops"  # the CPU's batched path without its kernel
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("path", ["official (PIL, per image)", "dino_fast batched"])
+@pytest.mark.parametrize("path", ["official (PIL, per image)", "dino_fast batched", OPS])
 def test_multicrop_augmentation(benchmark, device, path):
+    if path == OPS and device != "cpu":
+        pytest.skip("the batched path runs on PyTorch ops on a GPU anyway")
     s = setup(device)
     cfg = s.cfg
     torch.manual_seed(0)
-    ref, out = s.run_pil(), s.run_batched()
+    run_batched = s.run_batched_ops if path == OPS else s.run_batched
+    ref, out = s.run_pil(), run_batched()
     assert [(c.shape, c.dtype) for c in ref] == [(c.shape, c.dtype) for c in out]
     for crops in (slice(0, 2), slice(2, None)):  # pooled over the global, the local crops
         a = torch.cat(ref[crops]).float()
@@ -69,7 +89,7 @@ def test_multicrop_augmentation(benchmark, device, path):
         assert abs(a.std().item() - b.std().item()) < 0.15
 
     batched = path.startswith("dino_fast")
-    fn = synchronized(s.run_batched, device) if batched else s.run_pil
+    fn = synchronized(run_batched, device) if batched else s.run_pil
     benchmark.group = (f"multi-crop augmentation B={cfg['batch']} {cfg['source']}px -> "
                        f"2x{cfg['sizes'][0]} + {cfg['local_crops']}x{cfg['sizes'][1]} ({device})")
     peak = peak_memory(fn, device if batched else "cpu")
