@@ -21,7 +21,7 @@ from dino_fast.models import build_vit
 
 def build_backbone(args: argparse.Namespace, teacher: bool = False) -> nn.Module:
     """The run's ViT (`build_vit` with --arch, --patch_size, --patch_embed, --image_size,
-    --depth, --embed_dim, --num_heads; 0 keeps the architecture's value), with DINOv2's mask
+    --depth, --embed_dim, --num_heads, 0 keeping the architecture's value; --mlp_ratio), with DINOv2's mask
     token when the run has iBOT on (`args.use_mask_token`, set by the argument checks).
 
     Args:
@@ -34,6 +34,7 @@ def build_backbone(args: argparse.Namespace, teacher: bool = False) -> nn.Module
     """
     overrides = {k: getattr(args, k) for k in ("depth", "embed_dim", "num_heads")
                  if getattr(args, k)}
+    overrides["mlp_ratio"] = float(getattr(args, "mlp_ratio", 4.0))  # (older checkpoints: 4)
     return build_vit(args.arch, args.patch_size, img_size=args.image_size,
                      drop_path_rate=0.0 if teacher else args.drop_path_rate,
                      mask_token=bool(getattr(args, "use_mask_token", False)),

@@ -13,6 +13,8 @@ Official checkpoints load with `dino_fast.checkpoint.load_official_checkpoint`.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -41,11 +43,13 @@ PATCH_EMBEDS = ("linear", "conv")
 
 def check_vit_args(arch: str, patch_size: int, img_size: int, drop_path_rate: float = 0.0,
                    embed_dim: int = 0, num_heads: int = 0,
-                   names: Optional[Mapping[str, str]] = None, patch_embed: str = "linear") -> None:
+                   names: Optional[Mapping[str, str]] = None, patch_embed: str = "linear",
+                   mlp_ratio: float = 4.0) -> None:
     """Raise ValueError unless `build_vit` can build this ViT.
 
     Args:
         arch, patch_size, img_size, drop_path_rate, patch_embed: as `build_vit`.
+        mlp_ratio: the blocks' MLP width over embed_dim (4 in every official ViT).
         embed_dim, num_heads: the overrides; 0 keeps the architecture's own.
         names: how the messages name each argument (the training script passes its flags,
             e.g. {"img_size": "--image_size"}); by default the argument names.
@@ -73,6 +77,10 @@ def check_vit_args(arch: str, patch_size: int, img_size: int, drop_path_rate: fl
     if width % heads:
         raise ValueError(f"{n('embed_dim')}={width} must be a multiple of "
                          f"{n('num_heads')}={heads}")
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or \
+            not math.isfinite(mlp_ratio) or int(width * mlp_ratio) < 1:
+        raise ValueError(f"{n('mlp_ratio')} must be a positive number with {n('embed_dim')} x "
+                         f"{n('mlp_ratio')} >= 1 (the blocks' MLP width), got {mlp_ratio!r}")
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -100,6 +108,13 @@ class ConvStemPatchEmbed(PatchEmbed):
             channels = out
         layers.append(nn.Conv2d(channels, width, 1, bias=bias))
         self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # On the CPU the convolutions run faster on channels-last images (oneDNN's own layout:
+        # no reorder around each layer); the tokens (B, h, w, D) are then a view.
+        if x.device.type == "cpu" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
         """timm's: a new image size re-derives the token grid. The stem's depth is fixed by its
@@ -250,7 +265,8 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
             convolutional stem with the same token grid (`ConvStemPatchEmbed`; patch_size a
             power of two), for small images and short schedules.
         overrides: other VisionTransformer arguments, e.g. depth=2, embed_dim=64, num_heads=2 for
-            a quick CPU model, or reg_tokens=4. num_classes, global_pool, class_token and
+            a quick CPU model, mlp_ratio=2 (the blocks' MLP width over embed_dim; 4 in every
+            official ViT), or reg_tokens=4. num_classes, global_pool, class_token and
             dynamic_img_size are fixed, and nothing is ever downloaded (no `pretrained`; use
             `dino_fast.checkpoint.load_official_checkpoint`).
 
@@ -271,7 +287,7 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
 
     check_vit_args(arch, patch_size, img_size, drop_path_rate,
                    overrides.get("embed_dim", 0), overrides.get("num_heads", 0),
-                   patch_embed=patch_embed)
+                   patch_embed=patch_embed, mlp_ratio=overrides.get("mlp_ratio", 4.0))
     if "pretrained" in overrides:
         raise ValueError("build_vit never downloads weights (no `pretrained`); build the model and "
                          "call dino_fast.checkpoint.load_official_checkpoint(model, path) instead")

@@ -216,7 +216,8 @@ def train_dino(args: argparse.Namespace) -> dict:
         compile_backbone(teacher)
     student = distributed.wrap_ddp(student, env)
     n_params = sum(p.numel() for p in student_backbone.parameters())
-    say(f"model: {args.arch} depth {len(student_backbone.blocks)}, width {embed_dim}, patch "
+    say(f"model: {args.arch} depth {len(student_backbone.blocks)}, width {embed_dim} (MLP "
+        f"{student_backbone.blocks[0].mlp.fc1.out_features}), patch "
         f"{args.patch_size}{' (conv stem)' if args.patch_embed == 'conv' else ''} at "
         f"{args.image_size} px, {n_params / 1e6:.2f} M backbone parameters; "
         f"head out_dim {args.out_dim}")

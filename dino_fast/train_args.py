@@ -39,13 +39,13 @@ DATASET_DEFAULTS = {
 
 # Arguments that fix the shapes of the saved networks: a checkpoint resumes only with the same.
 # (use_mask_token and ibot_separate_head are derived by validate_args from the iBOT flags.)
-MODEL_ARGS = ("arch", "patch_size", "patch_embed", "depth", "embed_dim", "num_heads",
+MODEL_ARGS = ("arch", "patch_size", "patch_embed", "depth", "embed_dim", "num_heads", "mlp_ratio",
               "image_size", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "use_bn_in_head",
               "norm_last_layer", "local_crops_number", "use_mask_token", "ibot_separate_head",
               "ibot_out_dim")
 
 # What a checkpoint written before a flag existed was trained with (its args lack the key).
-LEGACY_ARGS = {"patch_embed": "linear", "use_mask_token": False, "ibot_separate_head": False,
+LEGACY_ARGS = {"patch_embed": "linear", "mlp_ratio": 4.0, "use_mask_token": False, "ibot_separate_head": False,
                "ibot_out_dim": 0, "recipe": "dino", "centering": "centering",
                "ibot_loss_weight": 0.0, "koleo_loss_weight": 0.0, "mask_ratio_min_max": [0.1, 0.5],
                "mask_sample_probability": 0.5, "augmentation": "pil"}
@@ -69,7 +69,7 @@ RECIPES = {
 # how check_vit_args names build_vit's arguments in the messages
 _VIT_FLAGS = {"arch": "--arch", "patch_size": "--patch_size", "drop_path_rate": "--drop_path_rate",
               "embed_dim": "--embed_dim", "num_heads": "--num_heads",
-              "patch_embed": "--patch_embed"}
+              "patch_embed": "--patch_embed", "mlp_ratio": "--mlp_ratio"}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -125,6 +125,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_heads", default=None, type=int,
                    help="override the number of attention heads (0: keep the architecture's). "
                         "Default: 3 on the procedural demo, 0 otherwise")
+    p.add_argument("--mlp_ratio", default=4.0, type=float,
+                   help="width of each block's MLP over --embed_dim (every official ViT: 4). "
+                        "The MLPs are two thirds of a block's multiply-adds: 2 makes the blocks "
+                        "a third cheaper, for CPU runs in a fixed time (benchmarks/RESULTS.md)")
     p.add_argument("--out_dim", default=1024, type=int,
                    help="dimensionality of the DINO head output (the number of prototypes). "
                         "The paper uses 65536 on ImageNet; for complex data use a large value, "
@@ -373,7 +377,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             check_vit_args(args.arch, args.patch_size, getattr(args, name), args.drop_path_rate,
                            args.embed_dim, args.num_heads,
                            names={**_VIT_FLAGS, "img_size": f"--{name}"},
-                           patch_embed=args.patch_embed)
+                           patch_embed=args.patch_embed, mlp_ratio=args.mlp_ratio)
     except (TypeError, ValueError) as exc:
         fail(str(exc))
     check_recipe_args(args, fail)

@@ -82,12 +82,26 @@ def test_vit_drop_path_rate_reaches_the_blocks_and_is_random_only_in_training():
     (dict(patch_embed="patchify"), "patch_embed must be one of"),
     (dict(patch_embed="conv", patch_size=6, img_size=24), "power of two"),
     (dict(patch_embed="conv", patch_size=1), "power of two"),
+    (dict(mlp_ratio=0), "mlp_ratio must be a positive number"),
+    (dict(mlp_ratio=0.001), "embed_dim x mlp_ratio >= 1"),
+    (dict(mlp_ratio=float("inf")), "mlp_ratio must be a positive number"),
 ])
 def test_build_vit_rejects_bad_arguments(kwargs, match):
     args = dict(arch="vit_tiny", patch_size=4, img_size=16, depth=1)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         build_vit(**args)
+
+
+def test_mlp_ratio_sets_the_blocks_mlp_width_and_nothing_else():
+    official = build_vit("vit_tiny", patch_size=4, img_size=16, depth=2)
+    narrow = build_vit("vit_tiny", patch_size=4, img_size=16, depth=2, mlp_ratio=2)
+    assert official.blocks[0].mlp.fc1.out_features == 4 * 192
+    for block in narrow.blocks:
+        assert (block.mlp.fc1.out_features, block.mlp.fc2.in_features) == (384, 384)
+    shapes = {k: v.shape for k, v in official.state_dict().items() if ".mlp." not in k}
+    assert shapes == {k: v.shape for k, v in narrow.state_dict().items() if ".mlp." not in k}
+    assert narrow(torch.randn(2, 3, 16, 16)).shape == (2, 192)
 
 
 def test_conv_stem_gives_the_patchify_grid_at_every_resolution_and_learns():
@@ -114,6 +128,30 @@ def test_conv_stem_gives_the_patchify_grid_at_every_resolution_and_learns():
     assert convs[0].weight.grad.abs().sum() > 0 and vit.mask_token.grad.abs().sum() > 0
     attn, grid = last_selfattention(vit.eval(), torch.randn(1, 3, 32, 32))
     assert grid == (4, 4) and attn.shape[-1] == 16
+
+
+def test_conv_stem_on_channels_last_images_is_the_stem_on_the_images():
+    # the CPU path converts the images to channels-last; values and gradients stay those of
+    # the plain convolution stack (within rounding) and the tokens come out in row-major order
+    torch.manual_seed(0)
+    embed = build_vit("vit_tiny", patch_size=8, img_size=32, depth=1, embed_dim=96, num_heads=3,
+                      patch_embed="conv").patch_embed
+    layouts = []
+    embed.proj[0].register_forward_pre_hook(lambda m, inp: layouts.append(
+        inp[0].is_contiguous(memory_format=torch.channels_last)))
+    for size in (32, 16):
+        x = torch.randn(3, 3, size, size, requires_grad=True)
+        tokens = embed(x)
+        assert layouts.pop() is True
+        assert tokens.shape == (3, size // 8, size // 8, 96)
+        expected = embed.proj(x.detach().clone().requires_grad_()).permute(0, 2, 3, 1)
+        torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(tokens.square().sum(), [x, *embed.parameters()])
+        x2 = x.detach().clone().requires_grad_()
+        plain = embed.proj(x2).permute(0, 2, 3, 1)
+        for got, want in zip(grads, torch.autograd.grad(plain.square().sum(),
+                                                        [x2, *embed.parameters()])):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_conv_stem_follows_a_new_image_size_and_refuses_a_new_patch_size():

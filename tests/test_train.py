@@ -145,6 +145,8 @@ def test_resume_with_other_model_settings_is_refused(tiny_run, tmp_path):
     shutil.copy(out / "checkpoint.pth", tmp_path / "checkpoint.pth")
     with pytest.raises(SystemExit, match="--out_dim 64 .checkpoint. vs 32"):
         run(tmp_path, "--resume", "--out_dim", "32")
+    with pytest.raises(SystemExit, match="--mlp_ratio 4.0 .checkpoint. vs 2.0"):
+        run(tmp_path, "--resume", "--mlp_ratio", "2")
 
 
 class _DivergingLoss(TrainingLoss):
@@ -181,6 +183,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     (["--num_heads", "3"], "--embed_dim=32 must be a multiple of --num_heads=3"),
     (["--global_crops_scale", "0.8", "0.3"], "0 < min <= max <= 1"),
     (["--lr", "0"], "--lr must be a positive finite number"),
+    (["--mlp_ratio", "0"], "--mlp_ratio must be a positive number with --embed_dim x --mlp_ratio"),
     (["--resume"], "no checkpoint at"),
     (["--epochs", "auto"], "--epochs auto sizes the run to --max_train_minutes"),
     (["--epochs", "three"], "--epochs: expected a whole number or 'auto', got 'three'"),
