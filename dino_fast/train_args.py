@@ -45,7 +45,8 @@ MODEL_ARGS = ("arch", "patch_size", "patch_embed", "depth", "embed_dim", "num_he
               "ibot_out_dim")
 
 # What a checkpoint written before a flag existed was trained with (its args lack the key).
-LEGACY_ARGS = {"patch_embed": "linear", "mlp_ratio": 4.0, "use_mask_token": False, "ibot_separate_head": False,
+LEGACY_ARGS = {"patch_embed": "linear", "mlp_ratio": 4.0, "use_mask_token": False,
+               "ibot_separate_head": False,
                "ibot_out_dim": 0, "recipe": "dino", "centering": "centering",
                "ibot_loss_weight": 0.0, "koleo_loss_weight": 0.0, "mask_ratio_min_max": [0.1, 0.5],
                "mask_sample_probability": 0.5, "augmentation": "pil"}
