@@ -22,7 +22,8 @@ from dino_fast.models import build_vit
 def build_backbone(args: argparse.Namespace, teacher: bool = False) -> nn.Module:
     """The run's ViT (`build_vit` with --arch, --patch_size, --patch_embed, --image_size,
     --mlp_ratio, --depth, --embed_dim, --num_heads; 0 keeps the architecture's value), with
-    DINOv2's mask token when the run has iBOT on (`args.use_mask_token`, set by the argument checks).
+    DINOv2's mask token when the run has iBOT on (`args.use_mask_token`, set by the argument
+    checks).
 
     Args:
         args: the training arguments.
