@@ -129,7 +129,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp_ratio", default=4.0, type=float,
                    help="width of each block's MLP over --embed_dim (every official ViT: 4). "
                         "The MLPs are two thirds of a block's multiply-adds: 2 makes the blocks "
-                        "a third cheaper, for CPU runs in a fixed time (benchmarks/RESULTS.md)")
+                        "a third cheaper and 1 half as costly, for CPU runs in a fixed time "
+                        "(benchmarks/RESULTS.md)")
     p.add_argument("--out_dim", default=1024, type=int,
                    help="dimensionality of the DINO head output (the number of prototypes). "
                         "The paper uses 65536 on ImageNet; for complex data use a large value, "
