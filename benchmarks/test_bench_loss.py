@@ -5,7 +5,7 @@ Paths timed (`extra_info["path"]`):
 - official double loop: the official script's formulation (tests/reference.py), one
   log_softmax and one (B, K) product per crop pair, autograd backward;
 - dino_fast eager: `dino_loss_eager`, its gradient written in the forward; for fp32 on a CPU
-  the C kernel (dino_fast.cpu_kernels: three cache-resident sweeps per student row);
+  the C kernel (dino_fast.cpu_kernels: two sweeps per student row);
 - dino_fast eager, PyTorch ops (CPU): the same with `DINO_FAST_CPU_KERNEL=0`, the ops swept in
   cache-sized chunks (the fallback where no C compiler is found);
 - dino_fast Triton: the fused kernels (CUDA only; on CPU the interpreter would time numpy);

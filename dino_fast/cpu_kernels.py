@@ -3,13 +3,17 @@ and the batched augmentation's photometric pass.
 
 On a CPU a chain of PyTorch ops reads each cache-resident row of the student eight or nine times
 (scale, max, shift, softmax, max, dot, gradient) and pays a call per op and chunk. The C kernel
-takes each sample's teacher rows and student rows through in one go, three sweeps per student row
-(max; sum of exp and the teacher dot; the gradient), so fp32 runs near the speed of a softmax
-into a fresh tensor. It is compiled once per machine with the system C compiler (`$CC`, else `cc`)
+takes each sample's teacher rows and student rows through in one go, two sweeps per student row
+(an online softmax: a block's max, then its exp, sum and teacher dot while it is in L1; the
+gradient, from L2), so fp32 runs near the speed of a softmax into a fresh tensor. It is compiled once per machine with the system C compiler (`$CC`, else `cc`)
 into a cache directory (`$DINO_FAST_CACHE/cpu_kernels`, else `~/.cache/dino_fast/cpu_kernels`,
 else one in the temporary directory), keyed by the source, the flags and the CPU, and loaded
-with ctypes (a cached build that does not load is rebuilt); threads are Python threads, one
-range of samples each (ctypes releases the GIL), as many as `torch.get_num_threads()`.
+with ctypes (a cached build that does not load is rebuilt). The loss runs on as many threads as
+`torch.get_num_threads()`, a range of samples each: where the build links OpenMP and the process
+then holds one OpenMP runtime (PyTorch's libgomp, which the kernel's build then shares), the
+threads of that runtime, which after a PyTorch op still spin, waiting for work: other threads
+would compete with them for the cores (a third slower on a 2-core VM); otherwise Python threads
+(ctypes releases the GIL). `thread_mode()` says which.
 
 The augmentation's colour jitter and grayscale (`photometric`) take each image through all of
 their operations while it is in the cache, where the PyTorch ops make a pass over the batch per
@@ -43,7 +47,10 @@ if not SOURCE.is_file():  # an editable install: dino_fast.kernels is the top-le
 # the ops path does and the gradient's two products cancel exactly where they should;
 # -fno-trapping-math: no floating-point traps to preserve (values unchanged), which lets the
 # compiler vectorize the selects of branch-free loops such as the hue rotation's
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"],
+# -fopenmp: the loss's threads come from the process's OpenMP runtime (module docstring); the
+# sets after it go without
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"],
+             ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"],
              ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"],
              ["-O3", "-ffp-contract=off"])
 COMPILE_TIMEOUT_S = 120
@@ -89,13 +96,30 @@ def _load(path: Path) -> dict:
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     fn = lib.dino_fast_soft_ce_f32
     fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, f32, i64, i64, ptr, ptr, ptr,
-                   ctypes.c_double, i64, i64, ptr, ptr]
+                   ctypes.c_double, i64, i64, ptr, ptr, ptr]
     fn.restype = None
+    batch = lib.dino_fast_soft_ce_f32_batch
+    batch.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, f32, i64, i64, ptr, ptr, ptr,
+                      ctypes.c_double, i64, ptr, i64, ptr, ptr, ptr]
+    batch.restype = None
+    lib.dino_fast_openmp.restype = i64
     photo = lib.dino_fast_photometric_f32
     photo.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                       ptr, f32, ptr, ptr, ptr, i64, i64]
     photo.restype = None
-    return {"fn": fn, "photometric": photo}
+    return {"fn": fn, "photometric": photo,
+            "batch": batch if lib.dino_fast_openmp() and _one_openmp_runtime() else None}
+
+
+def _one_openmp_runtime() -> bool:
+    """Whether the process maps exactly one GNU OpenMP runtime (Linux; elsewhere False): the
+    kernel's threads are then PyTorch's own."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libgomp" in line}
+    except OSError:
+        return False
+    return len({os.path.realpath(p) for p in paths}) == 1
 
 
 def _compile(compiler: str, flags: list, target: Path) -> Optional[str]:
@@ -162,7 +186,8 @@ def _kernel(name: str):
             try:
                 _state.update(_build(), why="compiled")
             except Exception as exc:  # no compiler, a failed build: the ops still run
-                _state.update(fn=None, photometric=None, why=f"unavailable: {exc}")
+                _state.update(fn=None, photometric=None, batch=None,
+                              why=f"unavailable: {exc}")
                 if want == "auto":
                     warnings.warn(f"dino_fast: the CPU kernels could not be built, the eager "
                                   f"loss and the batched augmentation run on PyTorch ops "
@@ -180,6 +205,14 @@ def kernel():
 def photometric_kernel():
     """The compiled photometric pass, or None when the ops are to be used."""
     return _kernel("photometric")
+
+
+def thread_mode() -> str:
+    """How the loss kernel runs its threads: "openmp" (the process's OpenMP runtime), "python
+    threads", or "none" when the kernel is not in use."""
+    if kernel() is None:
+        return "none"
+    return "openmp" if _state.get("batch") is not None else "python threads"
 
 
 def status() -> str:
@@ -233,9 +266,12 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
                        center: Optional[torch.Tensor], grad: Optional[torch.Tensor],
                        groups: list, n_teacher: int, student_temp: float,
                        teacher_temp: Optional[float], row_weight: Optional[torch.Tensor],
-                       grad_scale: float) -> torch.Tensor:
+                       grad_scale: float, col_sum: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
     """Run the kernel: returns the (V*B,) fp64 per-row w_b CE, and writes grad (when given) =
-    grad_scale * w_b * (Qsum softmax(S / tau_s) - Q) / tau_s.
+    grad_scale * w_b * (Qsum softmax(S / tau_s) - Q) / tau_s and col_sum (when given, (K,) fp32)
+    = the sum of the teacher's rows, in the kernel's one read of them (a partial sum per thread,
+    added in fp64).
 
     student, grad: (V*B, K) contiguous fp32; teacher: (G*B, K) contiguous fp32 logits
     (teacher_temp given) or probabilities; center: (K,) contiguous fp32 or None; groups: the
@@ -248,7 +284,7 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
     weights = torch.tensor([g[2] for g in groups], dtype=torch.float32).contiguous()
     rw = None if row_weight is None else row_weight.to(torch.float32).contiguous()
     workers = max(1, min(torch.get_num_threads(), B, V * B * K // MIN_ELEMENTS_PER_THREAD))
-    work = torch.empty(workers, n_teacher + 1, K, dtype=torch.float32)
+    work = torch.empty(workers, n_teacher + 2 + (col_sum is not None), K, dtype=torch.float32)
     ce = torch.empty(V * B, dtype=torch.float64)
     inv_t = 0.0 if teacher_temp is None else 1.0 / teacher_temp
     args = (student.data_ptr(), teacher.data_ptr(), 0 if center is None else center.data_ptr(),
@@ -256,8 +292,18 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
             inv_t, int(teacher_temp is None), len(groups), bounds.data_ptr(), weights.data_ptr(),
             0 if rw is None else rw.data_ptr(), grad_scale / student_temp)
     edges = [B * i // workers for i in range(workers + 1)]
-    _run(fn, [(*args, b0, b1, work[i].data_ptr(), ce.data_ptr())
+    partial = None if col_sum is None else work[:, n_teacher + 2]
+    batch = _state.get("batch")
+    if batch is not None:  # the threads of the OpenMP runtime; the column sum added in C
+        batch(*args, workers, work.data_ptr(), work.stride(0), ce.data_ptr(),
+              0 if partial is None else partial.data_ptr(),
+              0 if col_sum is None else col_sum.data_ptr())
+        return ce
+    _run(fn, [(*args, b0, b1, work[i].data_ptr(), ce.data_ptr(),
+               0 if partial is None else partial[i].data_ptr())
               for i, (b0, b1) in enumerate(zip(edges[:-1], edges[1:]))])
+    if col_sum is not None:
+        col_sum.copy_(partial[0] if workers == 1 else partial.sum(0, dtype=torch.float64))
     return ce
 
 

@@ -19,7 +19,7 @@ softmax per row gives the gradient: no (B, K) tensor per crop pair.
 
 Eager path (CPU, and the reference of the Triton kernels). For fp32 tensors on a CPU it runs the
 C kernel of `dino_fast.cpu_kernels` (kernels/cpu_rows.c: per sample, the teacher softmaxes and
-three cache-resident sweeps per student row, the gradient written in the forward); where that
+two sweeps per student row, the gradient written in the forward); where that
 cannot be built, and for other dtypes, the PyTorch ops below. Those cut the samples into chunks
 small enough for the working set to stay in the CPU caches; per chunk the teacher
 probabilities are computed once and every crop's rows are swept once. When the student needs a
@@ -171,12 +171,15 @@ def _view(buf: torch.Tensor, *shape: int) -> torch.Tensor:
 def _sweep(student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.Tensor],
            row_weight: Optional[torch.Tensor], spec: CrossEntropySpec, *,
            want_loss: bool, grad: Optional[torch.Tensor],
-           grad_factor: Union[float, torch.Tensor] = 1.0) -> Optional[torch.Tensor]:
+           grad_factor: Union[float, torch.Tensor] = 1.0,
+           col_sum: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """One sweep over the student rows, chunk of samples by chunk of samples.
 
     Returns the loss (compute dtype, 0-dim) when want_loss; writes into `grad` (shape of the
-    student, any float dtype) dL/dS * grad_factor when given. grad_factor is a python float or a
-    0-dim tensor (the backward's grad_output on a device where reading it would sync).
+    student, any float dtype) dL/dS * grad_factor when given, and into `col_sum` ((K,) fp32)
+    the teacher's column sum when given (the C kernel: in its one read of the teacher).
+    grad_factor is a python float or a 0-dim tensor (the backward's grad_output on a device
+    where reading it would sync).
     """
     V, G = spec.n_student, spec.n_teacher
     B, K = student.shape[0] // V, student.shape[1]
@@ -199,8 +202,10 @@ def _sweep(student: torch.Tensor, teacher: torch.Tensor, center: Optional[torch.
         ce = cpu_kernels.soft_cross_entropy(
             kernel, student, teacher, center, grad, groups, G, spec.student_temp,
             spec.teacher_temp, None if row_weight is None else row_weight.detach(),
-            spec.scale * grad_factor)
+            spec.scale * grad_factor, col_sum)
         return ce.sum().mul_(spec.scale).to(cdt) if want_loss else None
+    if col_sum is not None:
+        torch.sum(teacher, dim=0, dtype=torch.float32, out=col_sum)
     # work buffers, allocated once and reused by every chunk; each chunk takes contiguous views
     # of them (a partial last chunk too: softmax's out= must be contiguous)
     y_buf = torch.empty(widest * nb * K, dtype=cdt, device=dev)
@@ -305,49 +310,58 @@ class _SoftCrossEntropyEager(torch.autograd.Function):
     unless that is 1. Low-precision students (bf16/fp16) and a retained graph's second
     backward recompute it from S instead, scaled by grad_output before rounding (fp16 cannot
     hold the unscaled gradient, ~1e-7, which is why a loss scaler multiplies it).
-    Saved: S and T (alive anyway) and a copy of the center (K floats).
+    Saved: S and T (alive anyway) and a copy of the center (K floats). With want_col_sum, a
+    second output: the teacher's column sum (K,) fp32, not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, center, row_weight, spec, grad_in_forward):
+    def forward(ctx, student, teacher, center, row_weight, spec, grad_in_forward, want_col_sum):
         cdt = compute_dtype(student, teacher)
         grad = None
         if grad_in_forward and student.dtype == cdt:
             grad = empty_gradient(student.shape, cdt, student.device)
         center = None if center is None else center.detach().reshape(-1).to(cdt, copy=True)
-        loss = _sweep(student, teacher, center, row_weight, spec, want_loss=True, grad=grad)
+        col_sum = (torch.empty(student.shape[1], dtype=torch.float32, device=student.device)
+                   if want_col_sum else None)
+        loss = _sweep(student, teacher, center, row_weight, spec, want_loss=True, grad=grad,
+                      col_sum=col_sum)
         ctx.save_for_backward(student, teacher, center, row_weight)
         ctx.spec, ctx.grad = spec, grad
-        return loss.to(torch.float64 if cdt == torch.float64 else torch.float32)
+        loss = loss.to(torch.float64 if cdt == torch.float64 else torch.float32)
+        if col_sum is None:
+            return loss
+        ctx.mark_non_differentiable(col_sum)
+        return loss, col_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *_):
         student, teacher, center, row_weight = ctx.saved_tensors
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
             # on CPU reading grad_loss costs nothing; elsewhere scale without a host sync
             if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
                 grad.mul_(grad_loss.to(grad.dtype))
-            return grad, None, None, None, None, None
+            return grad, None, None, None, None, None, None
         factor = grad_loss.item() if grad_loss.device.type == "cpu" else grad_loss.to(
             compute_dtype(student, teacher))
         grad = empty_gradient(student.shape, student.dtype, student.device)
         with torch.autocast(student.device.type, enabled=False):
             _sweep(student, teacher, center, row_weight, ctx.spec, want_loss=False, grad=grad,
                    grad_factor=factor)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def soft_cross_entropy_eager(student, teacher, spec: CrossEntropySpec, center=None,
-                             row_weight=None) -> torch.Tensor:
-    """The eager op on validated inputs (see `soft_cross_entropy`)."""
+                             row_weight=None, teacher_sum: bool = False):
+    """The eager op on validated inputs (see `soft_cross_entropy`): the loss, or with
+    teacher_sum (loss, the teacher's column sum (K,) fp32)."""
     grad_in_forward = torch.is_grad_enabled() and student.requires_grad
     # computed in the inputs' dtype, as on CUDA; CPU autocast would round the row dots
     with torch.autocast(student.device.type, enabled=False):
         return _SoftCrossEntropyEager.apply(
             student, teacher.detach(), center, None if row_weight is None else
-            row_weight.detach(), spec, grad_in_forward)
+            row_weight.detach(), spec, grad_in_forward, teacher_sum)
 
 
 def select_backend(backend: str, student: torch.Tensor, teacher: torch.Tensor, op: str) -> str:
@@ -407,7 +421,6 @@ def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor,
         loss, col_sum = run_soft_cross_entropy_triton(student, teacher, spec, center,
                                                       row_weight, teacher_sum=teacher_sum)
     else:
-        loss = soft_cross_entropy_eager(student, teacher, spec, center, row_weight)
-        col_sum = (torch.sum(teacher.detach(), dim=0, dtype=torch.float32) if teacher_sum
-                   else None)
+        out = soft_cross_entropy_eager(student, teacher, spec, center, row_weight, teacher_sum)
+        loss, col_sum = out if teacher_sum else (out, None)
     return (loss, col_sum) if teacher_sum else loss

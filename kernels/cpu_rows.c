@@ -1,9 +1,11 @@
 /* The soft cross-entropy on a CPU, fp32 (dino_fast/cross_entropy.py: the eager path's sweep,
  * whose notation this follows): per sample, the teacher probabilities of its G teacher crops and
- * each crop group's combined Q are built in a per-thread workspace ((G + 1) * K floats), then each
- * of its student rows takes three sweeps that stay in the core's L2 cache (max; sum of exp and
- * the dot with Q; the gradient). S and T are read once from memory and the gradient written
- * once (its final values with streaming stores); nothing (rows, K) is allocated.
+ * each crop group's combined Q are built in a per-thread workspace ((G + 2) * K floats), then each
+ * of its student rows takes two sweeps: an online softmax a block at a time (the block's max
+ * from memory, then, from L1, its exp, sum and dot with Q against the running max), and the
+ * gradient, from the L2 cache. S and T are read once from memory and the gradient written once
+ * (its final values with streaming stores); nothing (rows, K) is allocated. The teacher's column
+ * sum (for a center update) is added up in the same read of T.
  *
  * Per student row (crop v of sample b, in group g), y = S / tau_s, m = max y:
  *     CE      = Qsum lse - <Q, y>  = Qsum log sum_k exp(y_k - m) - <Q, y - m>
@@ -12,12 +14,18 @@
  * / tau_s * grad_output). A NaN or +inf in a student row, or an inf or NaN in a teacher row,
  * gives NaN; a -inf student logit has probability 0 (CE +inf where Q > 0), as on the ops path.
  *
- * Built at first use by dino_fast.cpu_kernels with the system C compiler (-O3, -fopenmp-simd:
- * the SIMD pragmas only, no OpenMP runtime); the caller's threads each take a range of samples.
- * Plain C99 (x86 intrinsics for the streaming stores where the compiler targets them), no
- * dependency.
+ * Built at first use by dino_fast.cpu_kernels with the system C compiler (-O3, -fopenmp where
+ * it links, else -fopenmp-simd: the SIMD pragmas only). With OpenMP, dino_fast_soft_ce_f32_batch
+ * runs a range of samples on each thread of the process's OpenMP runtime: in a PyTorch process
+ * that is PyTorch's own (libgomp.so.1 is loaded once), whose threads, still spinning after the
+ * last PyTorch op, take the work instead of competing with other threads for the cores. Without
+ * it the caller's threads each take a range (dino_fast_soft_ce_f32). Plain C99 (x86 intrinsics
+ * for the streaming stores where the compiler targets them), no other dependency.
  */
 #include <math.h>
+#if defined(__SSE__) || defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -28,17 +36,32 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define STREAM_W 16
-#define STREAM_STORE(p, v) _mm512_stream_ps((p), _mm512_loadu_ps(v))
+typedef __m512 vfloat;
+#define VLOAD _mm512_loadu_ps
+#define VSET1 _mm512_set1_ps
+#define VMUL _mm512_mul_ps
+#define VSUB _mm512_sub_ps
+#define VSTREAM _mm512_stream_ps
 #define STREAM_FENCE() _mm_sfence()
 #elif defined(__AVX__)
 #include <immintrin.h>
 #define STREAM_W 8
-#define STREAM_STORE(p, v) _mm256_stream_ps((p), _mm256_loadu_ps(v))
+typedef __m256 vfloat;
+#define VLOAD _mm256_loadu_ps
+#define VSET1 _mm256_set1_ps
+#define VMUL _mm256_mul_ps
+#define VSUB _mm256_sub_ps
+#define VSTREAM _mm256_stream_ps
 #define STREAM_FENCE() _mm_sfence()
 #elif defined(__SSE2__)
 #include <emmintrin.h>
 #define STREAM_W 4
-#define STREAM_STORE(p, v) _mm_stream_ps((p), _mm_loadu_ps(v))
+typedef __m128 vfloat;
+#define VLOAD _mm_loadu_ps
+#define VSET1 _mm_set1_ps
+#define VMUL _mm_mul_ps
+#define VSUB _mm_sub_ps
+#define VSTREAM _mm_stream_ps
 #define STREAM_FENCE() _mm_sfence()
 #else
 #define STREAM_W 0
@@ -47,116 +70,149 @@
 
 #define BLOCK 512 /* float partial sums over BLOCK elements, then double */
 
-/* dst[0 .. n) = src[0 .. n) with streaming stores where dst is aligned to them */
-static inline void stream_copy(float *dst, const float *src, int64_t n) {
+/* x[0 .. n) = x * a - b * q in place, streamed (from where x is aligned to the stores) */
+static inline void scale_sub_stream(float *x, const float *q, float a, float b, int64_t n) {
     int64_t i = 0;
 #if STREAM_W
-    while (i < n && ((uintptr_t)(dst + i) & (STREAM_W * sizeof(float) - 1)) != 0) {
-        dst[i] = src[i];
+    while (i < n && ((uintptr_t)(x + i) & (STREAM_W * sizeof(float) - 1)) != 0) {
+        x[i] = x[i] * a - b * q[i];
         ++i;
     }
-    for (; i + STREAM_W <= n; i += STREAM_W) STREAM_STORE(dst + i, src + i);
+    const vfloat va = VSET1(a), vb = VSET1(b);
+    for (; i + STREAM_W <= n; i += STREAM_W)
+        VSTREAM(x + i, VSUB(VMUL(VLOAD(x + i), va), VMUL(vb, VLOAD(q + i))));
 #endif
-    for (; i < n; ++i) dst[i] = src[i];
+    for (; i < n; ++i) x[i] = x[i] * a - b * q[i];
 }
+
+/* a * b + c, fused where the target has FMA instructions (the exponential's polynomial only:
+ * the gradient's products are not fused, see the top of the file) */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MADD(a, b, c) fmaf((a), (b), (c))
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
 
 /* e^x for x <= 0 (x = y - max y): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-7
  * polynomial for e^r and 2^n from the exponent bits; about 1.4 ulp. Below -87.3 (e^x < 1.2e-38,
- * nothing next to a sum >= 1) it returns 0, so no denormal reaches the gradient; NaN stays NaN
- * (with no float-to-integer conversion of it). */
+ * nothing next to a sum >= 1) it returns 0; NaN stays NaN (with no float-to-integer conversion
+ * of it). */
 static inline float exp_nonpositive(float x) {
     const float xc = x < -87.3f ? -87.3f : x;
-    const float t = xc * 1.44269504088896341f;
-    /* n = round(t) from the low bits of t + 1.5 * 2^23; reading them as an unsigned integer is
-     * defined for any input (a NaN gives some bits, and p is NaN anyway) */
-    const float big = t + 12582912.0f;
+    /* n = round(x log2 e) from the low bits of x log2 e + 1.5 * 2^23; reading them as an
+     * unsigned integer is defined for any input (a NaN gives some bits, and p is NaN anyway) */
+    const float big = MADD(xc, 1.44269504088896341f, 12582912.0f);
     uint32_t ub;
     memcpy(&ub, &big, sizeof ub);
     const float n = big - 12582912.0f;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
+    float r = MADD(n, -0.693359375f, xc);
+    r = MADD(n, 2.12194440e-4f, r);
     float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    p = MADD(p, r, 1.3981999507e-3f);
+    p = MADD(p, r, 8.3334519073e-3f);
+    p = MADD(p, r, 4.1665795894e-2f);
+    p = MADD(p, r, 1.6666665459e-1f);
+    p = MADD(p, r, 5.0000001201e-1f);
+    p = MADD(p * r, r, r) + 1.0f;
     const uint32_t bits = (ub - 0x4B400000u + 127u) << 23; /* 2^n: n + 127 in the exponent */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return x < -87.3f ? 0.0f : p * scale;
 }
 
-/* The three sweeps of one student row s against Q = qscale * q (Qsum its sum): returns CE and
- * stores the gradient fw (Qsum p - Q) in out when out is not NULL. */
+/* The sweeps of one student row s against Q = qscale * q (Qsum its sum): returns CE and stores
+ * the gradient fw (Qsum p - Q) in out when out is not NULL. blk_max: ceil(K / BLOCK) floats of
+ * work. */
 static double student_row(const float *s, const float *q, float qscale, double qsum, float *out,
-                          int64_t K, float inv_s, float fw) {
-    /* sweep 1: the row's max (from memory; the row then sits in L2) and its NaNs; a -inf entry
-     * is exp = 0 (and makes CE +inf where Q > 0, as the ops do), a +inf or a NaN makes the row
-     * NaN */
+                          int64_t K, float inv_s, float fw, float *blk_max) {
+    /* sweep 1, a block of BLOCK entries at a time, each first read from memory for its max (and
+     * NaNs) and then, from L1, for exp(y - m) and <q, y - m>, m the running max of y: an online
+     * softmax, whose sum and dot are brought to each new max as it rises; exp(y - m) of each
+     * block is kept in the gradient row (in the cache: the row is written back only once, by
+     * sweep 2) and the block's m in blk_max. A -inf entry is exp = 0 (and makes CE +inf where
+     * Q > 0, as the ops do), a +inf or a NaN makes the row NaN. */
     float m = -INFINITY, nans = 0.0f;
-#pragma omp simd reduction(max : m) reduction(+ : nans)
-    for (int64_t k = 0; k < K; ++k) {
-        m = s[k] > m ? s[k] : m;
-        nans += s[k] != s[k] ? 1.0f : 0.0f;
-    }
-    if (nans != 0.0f || m == INFINITY || m == -INFINITY) {
-        if (out)
-            for (int64_t k = 0; k < K; ++k) out[k] = NAN;
-        return NAN;
-    }
-    const float ym = m * inv_s;
-
-    /* sweep 2: sum of exp(y - m) and <Q, y - m>; exp(y - m) kept in the gradient row (in
-     * the cache: the row is written back only once, by sweep 3) */
-    double sum = 0.0, d = 0.0;
-    for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
+    float ym = 0.0f; /* m / tau_s; 0 while m is -inf (then every exp so far is 0) */
+    double sum = 0.0, d = 0.0, qacc = 0.0; /* qacc: sum of q over the blocks done */
+    int64_t j = 0;
+    for (int64_t k0 = 0; k0 < K; k0 += BLOCK, ++j) {
         const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
-        float bs = 0.0f, bd = 0.0f;
+        float bmax = -INFINITY;
+#pragma omp simd reduction(max : bmax) reduction(+ : nans)
+        for (int64_t k = k0; k < k1; ++k) {
+            bmax = s[k] > bmax ? s[k] : bmax;
+            nans += s[k] != s[k] ? 1.0f : 0.0f;
+        }
+        if (bmax > m) {
+            const float ym_new = bmax * inv_s;
+            if (m != -INFINITY) { /* the blocks before: relative to the new max (both <= 0) */
+                sum *= exp((double)ym - (double)ym_new);
+                d += ((double)ym - (double)ym_new) * qacc;
+            }
+            m = bmax;
+            ym = ym_new;
+        }
+        blk_max[j] = m == -INFINITY ? -INFINITY : ym;
+        float bs = 0.0f, bd = 0.0f, bq = 0.0f;
         if (out) {
-#pragma omp simd reduction(+ : bs, bd)
+#pragma omp simd reduction(+ : bs, bd, bq)
             for (int64_t k = k0; k < k1; ++k) {
                 const float t = s[k] * inv_s - ym;
                 const float e = exp_nonpositive(t);
                 out[k] = e;
                 bs += e;
                 bd += q[k] * t;
+                bq += q[k];
             }
         } else {
-#pragma omp simd reduction(+ : bs, bd)
+#pragma omp simd reduction(+ : bs, bd, bq)
             for (int64_t k = k0; k < k1; ++k) {
                 const float t = s[k] * inv_s - ym;
                 bs += exp_nonpositive(t);
                 bd += q[k] * t;
+                bq += q[k];
             }
         }
         sum += bs;
         d += bd;
+        qacc += bq;
+    }
+    if (nans != 0.0f || m == INFINITY || m == -INFINITY) {
+        if (out)
+            for (int64_t k = 0; k < K; ++k) out[k] = NAN;
+        return NAN;
     }
 
-    /* sweep 3: the gradient, exp(y - m) (fw Qsum / sum) - fw Q, a block at a time into an L1
-     * buffer that is streamed to out; where p is one-hot on Q's support (K = 1, say) the two
-     * products are the same float and cancel exactly */
+    /* sweep 2: the gradient, exp(y - m_block) (fw Qsum / sum) e^(m_block - m) - fw Q, streamed
+     * to out a block at a time; where p is one-hot on Q's support (K = 1, say) the two products
+     * are the same float and cancel exactly */
     if (out) {
         const float pa = fw * (float)(qsum / sum), qa = fw * qscale;
-        float buf[BLOCK] __attribute__((aligned(64)));
-        for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
+        j = 0;
+        for (int64_t k0 = 0; k0 < K; k0 += BLOCK, ++j) {
             const int64_t n = k0 + BLOCK < K ? BLOCK : K - k0;
-            const float *eb = out + k0, *qb = q + k0;
-#pragma omp simd
-            for (int64_t k = 0; k < n; ++k) buf[k] = eb[k] * pa - qa * qb[k];
-            stream_copy(out + k0, buf, n);
+            const float pj = blk_max[j] == ym ? pa
+                : pa * (float)exp((double)blk_max[j] - (double)ym); /* -inf: 0, e is 0 too */
+            scale_sub_stream(out + k0, q + k0, pj, qa, n);
         }
     }
     return qsum * log(sum) - qscale * d;
 }
 
 /* exp((t - center) * inv_t - max) of one teacher row into q: the softmax times the returned
- * sum (NaN for a row with an inf or a NaN). */
-static double teacher_row(const float *t, const float *center, float inv_t, float *q, int64_t K) {
+ * sum (NaN for a row with an inf or a NaN). colsum, when not NULL, gets t added (the teacher's
+ * column sum for a center update, in the same read of t). */
+static double teacher_row(const float *t, const float *center, float inv_t, float *q, int64_t K,
+                          float *colsum) {
     float m = -INFINITY;
-    if (center) {
+    if (colsum) {
+#pragma omp simd reduction(max : m)
+        for (int64_t k = 0; k < K; ++k) {
+            q[k] = (t[k] - (center ? center[k] : 0.0f)) * inv_t;
+            colsum[k] += t[k];
+            m = q[k] > m ? q[k] : m;
+        }
+    } else if (center) {
 #pragma omp simd reduction(max : m)
         for (int64_t k = 0; k < K; ++k) {
             q[k] = (t[k] - center[k]) * inv_t;
@@ -188,22 +244,30 @@ static double teacher_row(const float *t, const float *center, float inv_t, floa
  * center) * inv_t)) or probabilities used as given; center: K floats or NULL; G: (V * B, K)
  * gradient or NULL. Crop groups: student
  * crops group_v0[g] .. group_v0[g + 1] - 1 share the teacher weights group_w[g * NT ..]; row_w:
- * B sample weights or NULL; work: (NT + 1) * K floats of this thread; ce: V * B doubles. */
+ * B sample weights or NULL; work: (NT + 2) * K floats of this thread; ce: V * B doubles;
+ * colsum: K floats of this thread or NULL: set to the sum of the teacher rows of its samples.
+ * Denormals are flushed to zero, in and out, for the call (restored at its end): a teacher's
+ * probabilities below 1e-38 times a scale would otherwise make every sweep pay for them. */
 void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, float *G,
                            int64_t V, int64_t NT, int64_t B, int64_t K, float inv_s, float inv_t,
                            int64_t probs_given, int64_t n_groups, const int64_t *group_v0, const float *group_w,
                            const float *row_w, double f, int64_t b0, int64_t b1, float *work,
-                           double *ce) {
+                           double *ce, float *colsum) {
     (void)V;
+#if defined(__SSE__) || defined(__SSE2__)
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040u); /* flush-to-zero and denormals-are-zero */
+#endif
     const float *qrow[64];
     float qscale[64]; /* teacher crop i's probabilities are qscale[i] * qrow[i] */
     double qsum[64];  /* and sum to qsum[i] */
-    float *Qbuf = work + NT * K;
+    float *Qbuf = work + NT * K, *blk_max = work + (NT + 1) * K;
+    if (colsum) memset(colsum, 0, (size_t)K * sizeof(float));
     for (int64_t b = b0; b < b1; ++b) {
         for (int64_t i = 0; i < NT; ++i) {
             const float *t = T + (i * B + b) * K;
             if (!probs_given) {
-                const double esum = teacher_row(t, center, inv_t, work + i * K, K);
+                const double esum = teacher_row(t, center, inv_t, work + i * K, K, colsum);
                 qscale[i] = (float)(1.0 / esum);
                 qsum[i] = esum * qscale[i];
                 qrow[i] = work + i * K;
@@ -212,8 +276,16 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
                 for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
                     const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
                     float bs = 0.0f;
+                    if (colsum) {
 #pragma omp simd reduction(+ : bs)
-                    for (int64_t k = k0; k < k1; ++k) bs += t[k];
+                        for (int64_t k = k0; k < k1; ++k) {
+                            bs += t[k];
+                            colsum[k] += t[k];
+                        }
+                    } else {
+#pragma omp simd reduction(+ : bs)
+                        for (int64_t k = k0; k < k1; ++k) bs += t[k];
+                    }
                     total += bs;
                 }
                 qsum[i] = total;
@@ -258,11 +330,57 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
                     continue;
                 }
                 ce[v * B + b] = w * student_row(S + (v * B + b) * K, Q, Qscale, Qsum, out, K,
-                                                inv_s, (float)(f * w));
+                                                inv_s, (float)(f * w), blk_max);
             }
         }
     }
     STREAM_FENCE(); /* the streamed stores are visible before the caller's thread hands over */
+#if defined(__SSE__) || defined(__SSE2__)
+    _mm_setcsr(csr);
+#endif
+}
+
+/* 1 when built with OpenMP (dino_fast_soft_ce_f32_batch runs threads), else 0 */
+int64_t dino_fast_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* All B samples of dino_fast_soft_ce_f32 on n_threads threads (OpenMP; one after the other
+ * without it), thread i taking samples B i / n .. B (i + 1) / n - 1 with work + i * work_stride
+ * and, when colsum is not NULL, K floats at partial + i * work_stride for its teacher column sum;
+ * colsum then gets the sum of the partial sums, added in double. */
+void dino_fast_soft_ce_f32_batch(const float *S, const float *T, const float *center, float *G,
+                                 int64_t V, int64_t NT, int64_t B, int64_t K, float inv_s,
+                                 float inv_t, int64_t probs_given, int64_t n_groups,
+                                 const int64_t *group_v0, const float *group_w,
+                                 const float *row_w, double f, int64_t n_threads, float *work,
+                                 int64_t work_stride, double *ce, float *partial,
+                                 float *colsum) {
+#define SOFT_CE_RANGE(i)                                                                      \
+    dino_fast_soft_ce_f32(S, T, center, G, V, NT, B, K, inv_s, inv_t, probs_given, n_groups,     \
+                          group_v0, group_w, row_w, f, B * (i) / n_threads,                      \
+                          B * ((i) + 1) / n_threads, work + (i) * work_stride, ce,               \
+                          colsum ? partial + (i) * work_stride : 0)
+    if (n_threads == 1) { /* no parallel region (a forked child's runtime may have no pool) */
+        SOFT_CE_RANGE(0);
+    } else {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static, 1)
+#endif
+        for (int64_t i = 0; i < n_threads; ++i) SOFT_CE_RANGE(i);
+    }
+#undef SOFT_CE_RANGE
+    if (colsum) {
+        for (int64_t k = 0; k < K; ++k) {
+            double total = 0.0;
+            for (int64_t i = 0; i < n_threads; ++i) total += partial[i * work_stride + k];
+            colsum[k] = (float)total;
+        }
+    }
 }
 
 /* ----------------------------------------------------------------------------------------------

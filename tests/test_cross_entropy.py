@@ -4,6 +4,10 @@ logits with a center, teacher probabilities as given (rows that do not sum to 1)
 row weights (zeros included), arbitrary pair tables (DINOv3's all pairs, iBOT's one pair), over
 dtypes and awkward shapes; gradients for grad_output != 1, a retained graph, no_grad; the
 teacher's column sum; bad input refused before any work. Tolerances: tests/reference.py."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -264,6 +268,63 @@ def test_cpu_kernel_on_several_threads_equals_the_ops_and_the_literal_loop(monke
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("threads", ["openmp", "python threads"])
+@pytest.mark.parametrize("mode", ["logits+center", "probabilities"])
+def test_cpu_kernel_threads_and_fused_column_sum_equal_the_literal_loop(monkeypatch, threads,
+                                                                          mode):
+    # 4 samples x 4 crops at K = 65536: two threads of two samples each, on the OpenMP runtime
+    # and on Python threads; the teacher's column sum from the kernel's partial sums
+    if threads == "python threads":
+        monkeypatch.setitem(cpu_kernels._state, "batch", None)
+    elif cpu_kernels.thread_mode() != "openmp":
+        pytest.skip("the kernel runs on Python threads here (no single OpenMP runtime)")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setenv(cpu_kernels.ENV, "1")
+    student, teacher, center, _ = _inputs(DINO_2_2, 4, 65536, torch.float32, mode, False, "cpu")
+    temp = None if mode == "probabilities" else 0.04
+    s = student.clone().requires_grad_()
+    loss, col = soft_cross_entropy(s, teacher, DINO_2_2, student_temp=0.1, teacher_temp=temp,
+                                   center=center, scale=0.1, teacher_sum=True, backend="eager")
+    loss.backward()
+    s_ref = student.double().requires_grad_()
+    ref = literal_soft_cross_entropy(s_ref, teacher.double(), DINO_2_2, 0.1, temp,
+                                     None if center is None else center.double(), scale=0.1)
+    ref.backward()
+    assert cpu_kernels.thread_mode() == threads
+    assert rel_rms(loss.detach(), ref) <= LOSS_RTOL[torch.float32]
+    assert rel_rms(s.grad, s_ref.grad) <= GRAD_RTOL[torch.float32]
+    assert col.dtype == torch.float32 and col.shape == (65536,)
+    assert rel_rms(col, teacher.double().sum(0)) <= 1e-6
+
+
+_OPENMP_SCRIPT = """
+import os, torch
+def runtimes():
+    with open("/proc/self/maps") as f:
+        return {os.path.realpath(line.split()[-1]) for line in f if "libgomp" in line}
+before = runtimes()
+from dino_fast import cpu_kernels
+mode = cpu_kernels.thread_mode()
+print(len(before), mode, runtimes() == before)
+"""
+
+
+@needs_cpu_kernel
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux's /proc/self/maps")
+def test_cpu_kernel_shares_pytorchs_openmp_runtime():
+    # PyTorch's libgomp is loaded with torch; the kernel's build links libgomp.so.1 and must
+    # bind to that one, not load a second runtime with threads of its own (a fresh process:
+    # this one loaded the kernel at collection)
+    out = subprocess.run([sys.executable, "-c", _OPENMP_SCRIPT], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n_before, mode, unchanged = out.stdout.split()
+    if n_before != "1":
+        pytest.skip(f"this PyTorch maps {n_before} GNU OpenMP runtimes")
+    assert (mode, unchanged) == ("openmp", "True")
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_cpu_kernel_treats_non_finite_inputs_as_the_ops_do(monkeypatch, where, value):
@@ -282,6 +343,85 @@ def test_cpu_kernel_treats_non_finite_inputs_as_the_ops_do(monkeypatch, where, v
         torch.testing.assert_close(k_grad, o_grad, rtol=1e-4, atol=1e-9)
     else:  # NaN or +inf: a NaN loss, which stops training
         assert not torch.isfinite(k_loss) and not torch.isfinite(o_loss)
+
+
+KERNEL_BLOCK = 512  # kernels/cpu_rows.c's BLOCK: the online softmax's max per block of entries
+
+
+def _ramp(K, lo, hi):
+    return torch.linspace(lo, hi, K)
+
+
+# student rows whose max rises from block to block (the kernel's running max rescales its sum,
+# dot and the gradient's blocks), falls, or jumps by far more than exp's range
+ROW_SHAPES = {
+    "rising": lambda K: _ramp(K, -3.0, 3.0),
+    "falling": lambda K: _ramp(K, 3.0, -3.0),
+    "jump past exp's range": lambda K: torch.where(torch.arange(K) < 2 * KERNEL_BLOCK,
+                                                   _ramp(K, -1000.0, -990.0), _ramp(K, 5.0, 6.0)),
+    "max in the last partial block": lambda K: torch.where(torch.arange(K) == K - 3, 9.0, 0.5),
+}
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("shape", list(ROW_SHAPES))
+def test_cpu_kernel_online_max_across_blocks_equals_the_literal_loop(monkeypatch, shape):
+    K = 3 * KERNEL_BLOCK + 37
+    student, teacher, center, row_weight = _inputs(DINO_2_2, 3, K, torch.float32,
+                                                   "logits+center", True, "cpu")
+    for r in (1, 7):  # a crop with one teacher crop, a crop with both
+        student[r] = ROW_SHAPES[shape](K)
+    args = dict(student_temp=0.1, teacher_temp=0.04, center=center, row_weight=row_weight,
+                scale=0.2)
+    (k_loss, k_grad), (o_loss, o_grad) = _kernel_and_ops(monkeypatch, student, teacher, DINO_2_2,
+                                                         **args)
+    s_ref = student.double().requires_grad_()
+    ref = literal_soft_cross_entropy(s_ref, teacher.double(), DINO_2_2, 0.1, 0.04,
+                                     center.double(), row_weight.double(), scale=0.2)
+    ref.backward()
+    for loss, grad in ((k_loss, k_grad), (o_loss, o_grad)):
+        assert rel_rms(loss, ref) <= LOSS_RTOL[torch.float32]
+        assert rel_rms(grad, s_ref.grad) <= GRAD_RTOL[torch.float32]
+        for r in (1, 7):
+            assert rel_rms(grad[r], s_ref.grad[r]) <= GRAD_RTOL[torch.float32]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("case", ["leading -inf blocks", "NaN in a later block",
+                                  "+inf in a later block"])
+def test_cpu_kernel_non_finite_entries_past_the_first_block(monkeypatch, case):
+    K = 3 * KERNEL_BLOCK + 37
+    student, teacher, center, _ = _inputs(DINO_2_2, 3, K, torch.float32, "logits+center",
+                                          False, "cpu")
+    if case == "leading -inf blocks":
+        student[4, :2 * KERNEL_BLOCK + 5] = -float("inf")
+    else:
+        student[4, 2 * KERNEL_BLOCK + 9] = float("nan") if "NaN" in case else float("inf")
+    # teacher_temp 1: no teacher probability underflows to 0 (0 * -inf would make CE NaN)
+    (k_loss, k_grad), (o_loss, o_grad) = _kernel_and_ops(monkeypatch, student, teacher, DINO_2_2,
+                                                         student_temp=0.1, teacher_temp=1.0,
+                                                         center=center)
+    if case == "leading -inf blocks":  # CE +inf (the teacher puts mass there), gradient finite
+        assert k_loss.item() == o_loss.item() == float("inf")
+        assert torch.isfinite(k_grad).all()
+        torch.testing.assert_close(k_grad, o_grad, rtol=1e-4, atol=1e-9)
+    else:
+        assert torch.isnan(k_loss) and not torch.isfinite(o_loss)
+        assert torch.isnan(k_grad[4]).all()
+        others = torch.arange(k_grad.shape[0]) != 4
+        torch.testing.assert_close(k_grad[others], o_grad[others], rtol=1e-4, atol=1e-9)
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_restores_the_callers_denormal_handling(monkeypatch):
+    # the kernel flushes denormals for its own call only: afterwards the calling thread still
+    # computes with them (tiny * 0.5 is a denormal, not 0)
+    tiny = torch.tensor([1.1754944e-38], dtype=torch.float32)
+    student, teacher, center, _ = _inputs(DINO_2_2, 2, 4096, torch.float32, "logits+center",
+                                          False, "cpu")
+    _kernel_and_ops(monkeypatch, student, teacher, DINO_2_2, student_temp=0.1,
+                    teacher_temp=0.04, center=center)
+    assert (tiny * 0.5).item() > 0.0
 
 
 def test_without_a_compiler_the_ops_run_with_a_warning(monkeypatch, tmp_path):
