@@ -5,14 +5,17 @@ On a CPU a chain of PyTorch ops reads each cache-resident row of the student eig
 (scale, max, shift, softmax, max, dot, gradient) and pays a call per op and chunk. The C kernel
 takes each sample's teacher rows and student rows through in one go, two sweeps per student row
 (an online softmax: a block's max, then its exp, sum and teacher dot while it is in L1; the
-gradient, from L2), so fp32 runs near the speed of a softmax into a fresh tensor. It is compiled once per machine with the system C compiler (`$CC`, else `cc`)
-into a cache directory (`$DINO_FAST_CACHE/cpu_kernels`, else `~/.cache/dino_fast/cpu_kernels`,
-else one in the temporary directory), keyed by the source, the flags and the CPU, and loaded
-with ctypes (a cached build that does not load is rebuilt). The loss runs on as many threads as
-`torch.get_num_threads()`, a range of samples each: where the build links OpenMP and the process
-then holds one OpenMP runtime (PyTorch's libgomp, which the kernel's build then shares), the
-threads of that runtime, which after a PyTorch op still spin, waiting for work: other threads
-would compete with them for the cores (a third slower on a 2-core VM); otherwise Python threads
+gradient, from L2), so fp32 runs near the speed of a softmax into a fresh tensor. It is compiled
+once per machine with the system C compiler (`$CC`, else `cc`) into a cache directory
+(`$DINO_FAST_CACHE/cpu_kernels`, else `~/.cache/dino_fast/cpu_kernels`, else one in the
+temporary directory), keyed by the source, the flags and the CPU, and loaded with ctypes (a
+cached build that does not load is rebuilt).
+
+The loss and the photometric pass run on `torch.get_num_threads()` threads, a range of samples
+(images) each. Where the build links OpenMP and the process then maps one OpenMP runtime
+(PyTorch's libgomp, which the build's libgomp.so.1 binds to), they are that runtime's threads:
+after a PyTorch op those still spin, waiting for work, and any other thread would compete with
+them for the cores (the loss a third slower on a 2-core VM). Otherwise they are Python threads
 (ctypes releases the GIL). `thread_mode()` says which.
 
 The augmentation's colour jitter and grayscale (`photometric`) take each image through all of
@@ -107,8 +110,13 @@ def _load(path: Path) -> dict:
     photo.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                       ptr, f32, ptr, ptr, ptr, i64, i64]
     photo.restype = None
-    return {"fn": fn, "photometric": photo,
-            "batch": batch if lib.dino_fast_openmp() and _one_openmp_runtime() else None}
+    photo_batch = lib.dino_fast_photometric_f32_batch
+    photo_batch.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                            i64, ptr, f32, ptr, ptr, i64, i64, ptr, i64]
+    photo_batch.restype = None
+    openmp = bool(lib.dino_fast_openmp()) and _one_openmp_runtime()
+    return {"fn": fn, "photometric": photo, "batch": batch if openmp else None,
+            "photometric_batch": photo_batch if openmp else None}
 
 
 def _one_openmp_runtime() -> bool:
@@ -186,7 +194,7 @@ def _kernel(name: str):
             try:
                 _state.update(_build(), why="compiled")
             except Exception as exc:  # no compiler, a failed build: the ops still run
-                _state.update(fn=None, photometric=None, batch=None,
+                _state.update(fn=None, photometric=None, batch=None, photometric_batch=None,
                               why=f"unavailable: {exc}")
                 if want == "auto":
                     warnings.warn(f"dino_fast: the CPU kernels could not be built, the eager "
@@ -208,8 +216,8 @@ def photometric_kernel():
 
 
 def thread_mode() -> str:
-    """How the loss kernel runs its threads: "openmp" (the process's OpenMP runtime), "python
-    threads", or "none" when the kernel is not in use."""
+    """How the kernels run their threads: "openmp" (the process's OpenMP runtime), "python
+    threads", or "none" when the kernels are not in use."""
     if kernel() is None:
         return "none"
     return "openmp" if _state.get("batch") is not None else "python threads"
@@ -345,6 +353,10 @@ def photometric(fn, x: torch.Tensor, ops: torch.Tensor, factors: torch.Tensor,
             ops.data_ptr(), factors.data_ptr(), flags[0].data_ptr(), blur.data_ptr(),
             blur_taps.data_ptr(), reach, flags[1].data_ptr(), threshold, ptr(stats[0]),
             ptr(stats[1]))
+    batch = _state.get("photometric_batch")
+    if batch is not None:  # the threads of the OpenMP runtime, as the loss's
+        batch(*args, n, workers, work.data_ptr(), work.stride(0))
+        return x
     edges = [n * i // workers for i in range(workers + 1)]
     _run(fn, [(*args, work[i].data_ptr(), b0, b1)
               for i, (b0, b1) in enumerate(zip(edges[:-1], edges[1:]))])

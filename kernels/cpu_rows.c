@@ -599,3 +599,30 @@ void dino_fast_photometric_f32(float *x, int64_t H, int64_t W, const float *imag
             }
     }
 }
+
+/* Images 0 .. n - 1 of dino_fast_photometric_f32 on n_threads threads (OpenMP, as
+ * dino_fast_soft_ce_f32_batch; one after the other without it), thread i taking images
+ * n i / n_threads .. n (i + 1) / n_threads - 1 with work + i * work_stride. */
+void dino_fast_photometric_f32_batch(float *x, int64_t H, int64_t W, const float *images,
+                                     int64_t B, int64_t H_in, int64_t W_in, const float *wy,
+                                     const float *wx_t, const int64_t *ops, const float *factors,
+                                     const uint8_t *gray, const int64_t *blur,
+                                     const float *blur_k, int64_t reach, const uint8_t *solarize,
+                                     float threshold, const float *mean, const float *std,
+                                     int64_t n, int64_t n_threads, float *work,
+                                     int64_t work_stride) {
+#define PHOTOMETRIC_RANGE(i)                                                                  \
+    dino_fast_photometric_f32(x, H, W, images, B, H_in, W_in, wy, wx_t, ops, factors, gray,   \
+                              blur, blur_k, reach, solarize, threshold, mean, std,            \
+                              work + (i) * work_stride, n * (i) / n_threads,                  \
+                              n * ((i) + 1) / n_threads)
+    if (n_threads == 1) {
+        PHOTOMETRIC_RANGE(0);
+    } else {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static, 1)
+#endif
+        for (int64_t i = 0; i < n_threads; ++i) PHOTOMETRIC_RANGE(i);
+    }
+#undef PHOTOMETRIC_RANGE
+}

@@ -545,6 +545,26 @@ def test_kernel_and_ops_make_the_same_crops(monkeypatch, global_size, local_size
         torch.testing.assert_close(a, r, atol=4e-5, rtol=0)  # normalised units (/ std ~ 0.23)
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("threads", ["openmp", "python threads"])
+def test_kernel_on_several_threads_makes_the_ops_crops(monkeypatch, threads):
+    """Three threads of a few images each, on the OpenMP runtime and on Python threads."""
+    if threads == "python threads":
+        monkeypatch.setitem(cpu_kernels._state, "photometric_batch", None)
+    elif cpu_kernels._state.get("photometric_batch") is None:
+        pytest.skip("the kernel runs on Python threads here (no single OpenMP runtime)")
+    monkeypatch.setattr(cpu_kernels, "MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    aug = BatchedDataAugmentationDINO(local_crops_number=2, global_size=16, local_size=8)
+    x = (images(5, 24, seed=3) * 255).to(torch.uint8)
+    monkeypatch.setenv("DINO_FAST_CPU_KERNEL", "1")
+    fast = aug(x, gen(7))
+    monkeypatch.setenv("DINO_FAST_CPU_KERNEL", "0")
+    ref = aug(x, gen(7))
+    for a, r in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, r, atol=4e-5, rtol=0)
+
+
 def test_without_a_compiler_the_ops_make_the_crops(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
