@@ -85,8 +85,9 @@ static inline void scale_sub_stream(float *x, const float *q, float a, float b, 
     for (; i < n; ++i) x[i] = x[i] * a - b * q[i];
 }
 
-/* a * b + c, fused where the target has FMA instructions (the exponential's polynomial only:
- * the gradient's products are not fused, see the top of the file) */
+/* a * b + c, fused where the target has FMA instructions: for the exponential's polynomial
+ * only (the build's -ffp-contract=off keeps every other product unfused, see
+ * dino_fast/cpu_kernels.py) */
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
 #define MADD(a, b, c) fmaf((a), (b), (c))
 #else
