@@ -106,6 +106,8 @@ def _load(path: Path) -> dict:
                       ctypes.c_double, i64, ptr, i64, ptr, ptr, ptr]
     batch.restype = None
     lib.dino_fast_openmp.restype = i64
+    lib.dino_fast_soft_ce_work.argtypes = [i64, i64]
+    lib.dino_fast_soft_ce_work.restype = i64
     photo = lib.dino_fast_photometric_f32
     photo.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                       ptr, f32, ptr, ptr, ptr, i64, i64]
@@ -116,6 +118,7 @@ def _load(path: Path) -> dict:
     photo_batch.restype = None
     openmp = bool(lib.dino_fast_openmp()) and _one_openmp_runtime()
     return {"fn": fn, "photometric": photo, "batch": batch if openmp else None,
+            "work_floats": lib.dino_fast_soft_ce_work,
             "photometric_batch": photo_batch if openmp else None}
 
 
@@ -292,7 +295,8 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
     weights = torch.tensor([g[2] for g in groups], dtype=torch.float32).contiguous()
     rw = None if row_weight is None else row_weight.to(torch.float32).contiguous()
     workers = max(1, min(torch.get_num_threads(), B, V * B * K // MIN_ELEMENTS_PER_THREAD))
-    work = torch.empty(workers, n_teacher + 2 + (col_sum is not None), K, dtype=torch.float32)
+    need = _state["work_floats"](n_teacher, K)  # then the column sum's partial, K floats
+    work = torch.empty(workers, need + (K if col_sum is not None else 0), dtype=torch.float32)
     ce = torch.empty(V * B, dtype=torch.float64)
     inv_t = 0.0 if teacher_temp is None else 1.0 / teacher_temp
     args = (student.data_ptr(), teacher.data_ptr(), 0 if center is None else center.data_ptr(),
@@ -300,7 +304,7 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
             inv_t, int(teacher_temp is None), len(groups), bounds.data_ptr(), weights.data_ptr(),
             0 if rw is None else rw.data_ptr(), grad_scale / student_temp)
     edges = [B * i // workers for i in range(workers + 1)]
-    partial = None if col_sum is None else work[:, n_teacher + 2]
+    partial = None if col_sum is None else work[:, need:]
     batch = _state.get("batch")
     if batch is not None:  # the threads of the OpenMP runtime; the column sum added in C
         batch(*args, workers, work.data_ptr(), work.stride(0), ce.data_ptr(),

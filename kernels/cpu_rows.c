@@ -1,6 +1,7 @@
 /* The soft cross-entropy on a CPU, fp32 (dino_fast/cross_entropy.py: the eager path's sweep,
  * whose notation this follows): per sample, the teacher probabilities of its G teacher crops and
- * each crop group's combined Q are built in a per-thread workspace ((G + 2) * K floats), then each
+ * each crop group's combined Q are built in a per-thread workspace ((G + 1) * K floats and the
+ * block maxima of two rows), then each
  * of its student rows takes two sweeps: an online softmax a block at a time (the block's max
  * from memory, then, from L1, its exp, sum and dot with Q against the running max), and the
  * gradient, from the L2 cache. S and T are read once from memory and the gradient written once
@@ -121,17 +122,47 @@ static inline float exp_nonpositive(float x) {
     return x < -87.3f ? 0.0f : p * scale;
 }
 
-/* The sweeps of one student row s against Q = qscale * q (Qsum its sum): returns CE and stores
- * the gradient fw (Qsum p - Q) in out when out is not NULL. blk_max: ceil(K / BLOCK) floats of
- * work. */
+/* A student row whose gradient is still to be written (sweep 2 below): out holds exp(y - m_j)
+ * of each block j, blk_max the m_j / tau_s, ym the row's final max / tau_s. */
+typedef struct {
+    float *out;
+    const float *q;
+    const float *blk_max;
+    float pa, qa, ym;
+} pending_grad;
+
+/* sweep 2 of a pending row, block j (entries k0 .. k0 + n - 1): exp(y - m_j) (fw Qsum / sum)
+ * e^(m_j - m) - fw Q, streamed to out; where p is one-hot on Q's support (K = 1, say) the two
+ * products are the same float and cancel exactly */
+static inline void grad_block(const pending_grad *g, int64_t j, int64_t k0, int64_t n) {
+    const float pj = g->blk_max[j] == g->ym ? g->pa
+        : g->pa * (float)exp((double)g->blk_max[j] - (double)g->ym); /* -inf: 0, e is 0 too */
+    scale_sub_stream(g->out + k0, g->q + k0, pj, g->qa, n);
+}
+
+/* The whole sweep 2 of a pending row, and *g cleared */
+static void flush_grad(pending_grad *g, int64_t K) {
+    if (!g->out) return;
+    int64_t j = 0;
+    for (int64_t k0 = 0; k0 < K; k0 += BLOCK, ++j) grad_block(g, j, k0, k0 + BLOCK < K ? BLOCK : K - k0);
+    g->out = 0;
+}
+
+/* Sweep 1 of one student row s against Q = qscale * q (Qsum its sum): returns CE. When out is
+ * not NULL the row's gradient fw (Qsum p - Q) is left pending in *next (its sweep 2 done later,
+ * interleaved with the next row's sweep 1), with blk_max (ceil(K / BLOCK) floats of work) for
+ * its block maxima; the pending row *prev (if any) gets its sweep 2 here, block by block, so
+ * that the stores to memory of one row overlap the exponentials of the next.
+ *
+ * Sweep 1, a block of BLOCK entries at a time, each first read from memory for its max (and
+ * NaNs) and then, from L1, for exp(y - m) and <q, y - m>, m the running max of y: an online
+ * softmax, whose sum and dot are brought to each new max as it rises; exp(y - m) of each block
+ * is kept in the gradient row (in the cache: the row is written back only once, by sweep 2) and
+ * the block's m in blk_max. A -inf entry is exp = 0 (and makes CE +inf where Q > 0, as the ops
+ * do), a +inf or a NaN makes the row NaN. */
 static double student_row(const float *s, const float *q, float qscale, double qsum, float *out,
-                          int64_t K, float inv_s, float fw, float *blk_max) {
-    /* sweep 1, a block of BLOCK entries at a time, each first read from memory for its max (and
-     * NaNs) and then, from L1, for exp(y - m) and <q, y - m>, m the running max of y: an online
-     * softmax, whose sum and dot are brought to each new max as it rises; exp(y - m) of each
-     * block is kept in the gradient row (in the cache: the row is written back only once, by
-     * sweep 2) and the block's m in blk_max. A -inf entry is exp = 0 (and makes CE +inf where
-     * Q > 0, as the ops do), a +inf or a NaN makes the row NaN. */
+                          int64_t K, float inv_s, float fw, float *blk_max, pending_grad *prev,
+                          pending_grad *next) {
     float m = -INFINITY, nans = 0.0f;
     float ym = 0.0f; /* m / tau_s; 0 while m is -inf (then every exp so far is 0) */
     double sum = 0.0, d = 0.0, qacc = 0.0; /* qacc: sum of q over the blocks done */
@@ -153,9 +184,9 @@ static double student_row(const float *s, const float *q, float qscale, double q
             m = bmax;
             ym = ym_new;
         }
-        blk_max[j] = m == -INFINITY ? -INFINITY : ym;
         float bs = 0.0f, bd = 0.0f, bq = 0.0f;
         if (out) {
+            blk_max[j] = m == -INFINITY ? -INFINITY : ym;
 #pragma omp simd reduction(+ : bs, bd, bq)
             for (int64_t k = k0; k < k1; ++k) {
                 const float t = s[k] * inv_s - ym;
@@ -177,25 +208,21 @@ static double student_row(const float *s, const float *q, float qscale, double q
         sum += bs;
         d += bd;
         qacc += bq;
+        if (prev && prev->out) grad_block(prev, j, k0, k1 - k0);
     }
+    if (prev) prev->out = 0;
     if (nans != 0.0f || m == INFINITY || m == -INFINITY) {
         if (out)
             for (int64_t k = 0; k < K; ++k) out[k] = NAN;
         return NAN;
     }
-
-    /* sweep 2: the gradient, exp(y - m_block) (fw Qsum / sum) e^(m_block - m) - fw Q, streamed
-     * to out a block at a time; where p is one-hot on Q's support (K = 1, say) the two products
-     * are the same float and cancel exactly */
     if (out) {
-        const float pa = fw * (float)(qsum / sum), qa = fw * qscale;
-        j = 0;
-        for (int64_t k0 = 0; k0 < K; k0 += BLOCK, ++j) {
-            const int64_t n = k0 + BLOCK < K ? BLOCK : K - k0;
-            const float pj = blk_max[j] == ym ? pa
-                : pa * (float)exp((double)blk_max[j] - (double)ym); /* -inf: 0, e is 0 too */
-            scale_sub_stream(out + k0, q + k0, pj, qa, n);
-        }
+        next->out = out;
+        next->q = q;
+        next->blk_max = blk_max;
+        next->pa = fw * (float)(qsum / sum);
+        next->qa = fw * qscale;
+        next->ym = ym;
     }
     return qsum * log(sum) - qscale * d;
 }
@@ -245,7 +272,8 @@ static double teacher_row(const float *t, const float *center, float inv_t, floa
  * center) * inv_t)) or probabilities used as given; center: K floats or NULL; G: (V * B, K)
  * gradient or NULL. Crop groups: student
  * crops group_v0[g] .. group_v0[g + 1] - 1 share the teacher weights group_w[g * NT ..]; row_w:
- * B sample weights or NULL; work: (NT + 2) * K floats of this thread; ce: V * B doubles;
+ * B sample weights or NULL; work: dino_fast_soft_ce_work(NT, K) floats of this thread; ce:
+ * V * B doubles;
  * colsum: K floats of this thread or NULL: set to the sum of the teacher rows of its samples.
  * Denormals are flushed to zero, in and out, for the call (restored at its end): a teacher's
  * probabilities below 1e-38 times a scale would otherwise make every sweep pay for them. */
@@ -263,6 +291,9 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
     float qscale[64]; /* teacher crop i's probabilities are qscale[i] * qrow[i] */
     double qsum[64];  /* and sum to qsum[i] */
     float *Qbuf = work + NT * K, *blk_max = work + (NT + 1) * K;
+    const int64_t nblk = (K + BLOCK - 1) / BLOCK;
+    pending_grad pend[2] = {{0}, {0}};
+    int cur = 0;
     if (colsum) memset(colsum, 0, (size_t)K * sizeof(float));
     for (int64_t b = b0; b < b1; ++b) {
         for (int64_t i = 0; i < NT; ++i) {
@@ -308,6 +339,7 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
                 Qscale = qscale[last];
                 Qsum = qsum[last];
             } else if (active > 0) {
+                if (pend[cur].q == Qbuf) flush_grad(&pend[cur], K); /* Qbuf is rebuilt */
                 int first = 1;
                 for (int64_t i = 0; i < NT; ++i) {
                     if (wg[i] == 0.0f) continue;
@@ -330,15 +362,27 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
                     ce[v * B + b] = 0.0;
                     continue;
                 }
+                /* the pending row's sweep 2 runs in this row's sweep 1; blk_max alternates
+                 * between the two halves of its work */
+                pending_grad *prev = &pend[cur], *next = &pend[cur ^ 1];
                 ce[v * B + b] = w * student_row(S + (v * B + b) * K, Q, Qscale, Qsum, out, K,
-                                                inv_s, (float)(f * w), blk_max);
+                                                inv_s, (float)(f * w), blk_max + cur * nblk,
+                                                prev, next);
+                cur ^= 1;
             }
         }
+        flush_grad(&pend[cur], K); /* before the next sample's teacher rows take the work */
     }
     STREAM_FENCE(); /* the streamed stores are visible before the caller's thread hands over */
 #if defined(__SSE__) || defined(__SSE2__)
     _mm_setcsr(csr);
 #endif
+}
+
+/* The floats of work dino_fast_soft_ce_f32 takes per thread: the teacher rows and Q, and two
+ * rows' block maxima */
+int64_t dino_fast_soft_ce_work(int64_t NT, int64_t K) {
+    return (NT + 1) * K + 2 * ((K + BLOCK - 1) / BLOCK);
 }
 
 /* 1 when built with OpenMP (dino_fast_soft_ce_f32_batch runs threads), else 0 */
