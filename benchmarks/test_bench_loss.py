@@ -164,6 +164,7 @@ def test_loss_dino_fast_eager(benchmark, problem):
     fn = _bench(benchmark, "dino_fast eager", _eager, problem, _tolerances(problem))
     if problem["device"].type == "cpu":
         benchmark.extra_info["cpu_kernel"] = cpu_kernels.status()
+        benchmark.extra_info["cpu_threads"] = cpu_kernels.thread_mode()
         # the ratios of the CPU targets, measured in this process, interleaved
         p = problem
         official = synchronized(lambda: _official_step(p), p["device"])
