@@ -16,7 +16,9 @@ The loss and the photometric pass run on `torch.get_num_threads()` threads, a ra
 (PyTorch's libgomp, which the build's libgomp.so.1 binds to), they are that runtime's threads:
 after a PyTorch op those still spin, waiting for work, and any other thread would compete with
 them for the cores (the loss a third slower on a 2-core VM). Otherwise they are Python threads
-(ctypes releases the GIL). `thread_mode()` says which.
+(ctypes releases the GIL). `thread_mode()` says which. As for PyTorch's own ops, a process forked
+after OpenMP ran must use one thread (`torch.set_num_threads(1)`, as data-loader workers do):
+GNU OpenMP's pool does not survive a fork.
 
 The augmentation's colour jitter and grayscale (`photometric`) take each image through all of
 their operations while it is in the cache, where the PyTorch ops make a pass over the batch per

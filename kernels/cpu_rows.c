@@ -410,7 +410,7 @@ void dino_fast_soft_ce_f32_batch(const float *S, const float *T, const float *ce
                           group_v0, group_w, row_w, f, B * (i) / n_threads,                      \
                           B * ((i) + 1) / n_threads, work + (i) * work_stride, ce,               \
                           colsum ? partial + (i) * work_stride : 0)
-    if (n_threads == 1) { /* no parallel region (a forked child's runtime may have no pool) */
+    if (n_threads == 1) { /* no parallel region */
         SOFT_CE_RANGE(0);
     } else {
 #ifdef _OPENMP

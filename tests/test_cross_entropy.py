@@ -324,6 +324,44 @@ def test_cpu_kernel_shares_pytorchs_openmp_runtime():
     assert (mode, unchanged) == ("openmp", "True")
 
 
+_FORK_SCRIPT = """
+import os, torch
+from dino_fast.cross_entropy import soft_cross_entropy
+W = [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+g = torch.Generator().manual_seed(0)
+S, T = torch.randn(3 * 8, 65536, generator=g), torch.randn(2 * 8, 65536, generator=g)
+def loss():
+    s = S.clone().requires_grad_()
+    value = soft_cross_entropy(s, T, W, student_temp=0.1, teacher_temp=0.04)
+    value.backward()
+    return value.item(), s.grad
+torch.set_num_threads(2)
+ref, ref_grad = loss()  # the parent's threads (OpenMP: its pool) ran the kernel
+pid = os.fork()
+if pid == 0:  # a data-loader worker: one thread, as torch.utils.data sets it
+    torch.set_num_threads(1)
+    value, grad = loss()
+    os._exit(0 if value == ref and torch.equal(grad, ref_grad) else 3)
+print(os.waitpid(pid, 0)[1])
+"""
+
+
+@needs_cpu_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_cpu_kernel_runs_in_a_forked_one_thread_child():
+    # GNU OpenMP's pool does not survive a fork (PyTorch's own ops hang in a child that runs
+    # them on several threads); with one thread, as in a data-loader worker, the kernel runs and
+    # gives the parent's result bit for bit
+    proc = subprocess.Popen([sys.executable, "-c", _FORK_SCRIPT], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        raise AssertionError("the forked child hung") from None
+    assert proc.returncode == 0 and out.split() == ["0"], (out, err[-2000:])
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
