@@ -16,9 +16,9 @@ The loss and the photometric pass run on `torch.get_num_threads()` threads, a ra
 (PyTorch's libgomp, which the build's libgomp.so.1 binds to), they are that runtime's threads:
 after a PyTorch op those still spin, waiting for work, and any other thread would compete with
 them for the cores (the loss a third slower on a 2-core VM). Otherwise they are Python threads
-(ctypes releases the GIL). `thread_mode()` says which. As for PyTorch's own ops, a process forked
-after OpenMP ran must use one thread (`torch.set_num_threads(1)`, as data-loader workers do):
-GNU OpenMP's pool does not survive a fork.
+(ctypes releases the GIL). `thread_mode()` says which. A forked child uses Python threads: GNU
+OpenMP's pool does not survive a fork (PyTorch's own parallel ops hang in such a child unless
+it runs one thread, as data-loader workers do).
 
 The augmentation's colour jitter and grayscale (`photometric`) take each image through all of
 their operations while it is in the cache, where the PyTorch ops make a pass over the batch per
@@ -118,9 +118,15 @@ def _load(path: Path) -> dict:
     photo_batch.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                             i64, ptr, f32, ptr, ptr, i64, i64, ptr, i64]
     photo_batch.restype = None
+    colsum = lib.dino_fast_colsum_f32
+    colsum.argtypes = [ptr, i64, i64, i64, ptr]
+    colsum.restype = None
+    sk = lib.dino_fast_sk_f32_batch
+    sk.argtypes = [i64, ptr, i64, i64, i64, f32, ptr, i64, ptr, i64, ptr, i64, ptr]
+    sk.restype = None
     openmp = bool(lib.dino_fast_openmp()) and _one_openmp_runtime()
     return {"fn": fn, "photometric": photo, "batch": batch if openmp else None,
-            "work_floats": lib.dino_fast_soft_ce_work,
+            "work_floats": lib.dino_fast_soft_ce_work, "sinkhorn": sk, "colsum": colsum,
             "photometric_batch": photo_batch if openmp else None}
 
 
@@ -200,7 +206,7 @@ def _kernel(name: str):
                 _state.update(_build(), why="compiled")
             except Exception as exc:  # no compiler, a failed build: the ops still run
                 _state.update(fn=None, photometric=None, batch=None, photometric_batch=None,
-                              why=f"unavailable: {exc}")
+                              sinkhorn=None, why=f"unavailable: {exc}")
                 if want == "auto":
                     warnings.warn(f"dino_fast: the CPU kernels could not be built, the eager "
                                   f"loss and the batched augmentation run on PyTorch ops "
@@ -239,9 +245,15 @@ def status() -> str:
 _pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
 
-def _forget_pool() -> None:  # a forked child (a data-loader worker) has none of its threads
+def _forget_pool() -> None:
+    """In a forked child (a data-loader worker): none of the pool's threads, and GNU OpenMP's
+    pool does not survive a fork either (a parallel region would wait for its threads forever):
+    the kernels run on Python threads there."""
     global _pool
     _pool = None
+    for key in ("batch", "photometric_batch"):
+        if _state.get(key) is not None:
+            _state[key] = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -283,8 +295,8 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
                        ) -> torch.Tensor:
     """Run the kernel: returns the (V*B,) fp64 per-row w_b CE, and writes grad (when given) =
     grad_scale * w_b * (Qsum softmax(S / tau_s) - Q) / tau_s and col_sum (when given, (K,) fp32)
-    = the sum of the teacher's rows, in the kernel's one read of them (a partial sum per thread,
-    added in fp64).
+    = the sum of the teacher's rows, in the kernel's one read of them (a compensated fp32 sum
+    per thread, the threads' added in fp64).
 
     student, grad: (V*B, K) contiguous fp32; teacher: (G*B, K) contiguous fp32 logits
     (teacher_temp given) or probabilities; center: (K,) contiguous fp32 or None; groups: the
@@ -297,8 +309,9 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
     weights = torch.tensor([g[2] for g in groups], dtype=torch.float32).contiguous()
     rw = None if row_weight is None else row_weight.to(torch.float32).contiguous()
     workers = max(1, min(torch.get_num_threads(), B, V * B * K // MIN_ELEMENTS_PER_THREAD))
-    need = _state["work_floats"](n_teacher, K)  # then the column sum's partial, K floats
-    work = torch.empty(workers, need + (K if col_sum is not None else 0), dtype=torch.float32)
+    need = _state["work_floats"](n_teacher, K)  # then the column sum's partial, 2 K floats
+    work = torch.empty(workers, need + (2 * K if col_sum is not None else 0),
+                       dtype=torch.float32)
     ce = torch.empty(V * B, dtype=torch.float64)
     inv_t = 0.0 if teacher_temp is None else 1.0 / teacher_temp
     args = (student.data_ptr(), teacher.data_ptr(), 0 if center is None else center.data_ptr(),
@@ -316,9 +329,37 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
     _run(fn, [(*args, b0, b1, work[i].data_ptr(), ce.data_ptr(),
                0 if partial is None else partial[i].data_ptr())
               for i, (b0, b1) in enumerate(zip(edges[:-1], edges[1:]))])
-    if col_sum is not None:
-        col_sum.copy_(partial[0] if workers == 1 else partial.sum(0, dtype=torch.float64))
+    if col_sum is not None:  # in C: no PyTorch op (its threads) between the kernel's calls
+        _state["colsum"](partial.data_ptr(), workers, work.stride(0), K, col_sum.data_ptr())
     return ce
+
+
+SK_COL_MAX, SK_COL_SUM, SK_COL_STEP, SK_PROBS = range(4)  # kernels/cpu_rows.c's steps
+
+
+def sinkhorn_kernel():
+    """The compiled Sinkhorn-Knopp steps, or None when the ops are to be used."""
+    return _kernel("sinkhorn")
+
+
+def sinkhorn_step(fn, op: int, x: torch.Tensor, n: int, inv_t: float,
+                  vec: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
+                  ) -> Optional[torch.Tensor]:
+    """One Sinkhorn-Knopp step of kernels/cpu_rows.c on a = x * inv_t, rows 0 .. n - 1 of x
+    ((rows, K) fp32 CPU, unit column stride, read in place): SK_COL_MAX, SK_COL_SUM (vec: the
+    column max) and SK_COL_STEP (vec: log u) return a (K,) fp32 tensor; SK_PROBS writes
+    softmax(a + vec) into out ((rows, K) fp32, unit column stride) and returns None. On the
+    threads of the OpenMP runtime where the kernels run there, else on the calling thread."""
+    K = x.shape[1]
+    openmp = _state.get("batch") is not None
+    workers = max(1, min(torch.get_num_threads() if openmp else 1, n,
+                         n * K // MIN_ELEMENTS_PER_THREAD))
+    work = torch.empty(workers, 2 * K, dtype=torch.float32)
+    result = None if op == SK_PROBS else torch.empty(K, dtype=torch.float32)
+    fn(op, x.data_ptr(), x.stride(0), n, K, inv_t, 0 if vec is None else vec.data_ptr(), workers,
+       work.data_ptr(), work.stride(0), 0 if out is None else out.data_ptr(),
+       0 if out is None else out.stride(0), 0 if result is None else result.data_ptr())
+    return result
 
 
 def photometric(fn, x: torch.Tensor, ops: torch.Tensor, factors: torch.Tensor,

@@ -422,5 +422,6 @@ def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor,
                                                       row_weight, teacher_sum=teacher_sum)
     else:
         out = soft_cross_entropy_eager(student, teacher, spec, center, row_weight, teacher_sum)
-        loss, col_sum = out if teacher_sum else (out, None)
+        # detached: under torch.compile the Function's non-differentiable mark is not kept
+        loss, col_sum = (out[0], out[1].detach()) if teacher_sum else (out, None)
     return (loss, col_sum) if teacher_sum else loss

@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dino_fast import cpu_kernels
 from dino_fast.backend import check_backend_name, resolve_backend
 from dino_fast.checks import check_floating_tensor, check_int, check_positive
 
@@ -112,6 +113,41 @@ class _EagerSteps:
         return a.div_(a.sum(dim=-1, keepdim=True))
 
 
+class _CpuKernelSteps:
+    """The eager steps on fp32 CPU logits with the C kernel of `dino_fast.cpu_kernels`
+    (kernels/cpu_rows.c): the same formulas, each step one read of x in place and one
+    exponential per entry, on the OpenMP runtime's threads; O(K) floats of work."""
+
+    def __init__(self, fn, x: torch.Tensor, teacher_temp: float, n_valid_rows: int):
+        self.fn, self.x, self.n = fn, x, n_valid_rows
+        self.inv_t = 1.0 / float(teacher_temp)
+
+    def _step(self, op, vec=None, out=None):
+        return cpu_kernels.sinkhorn_step(self.fn, op, self.x, self.n if out is None else
+                                         self.x.shape[0], self.inv_t, vec, out)
+
+    def first_column_step(self):
+        col_max = self._step(cpu_kernels.SK_COL_MAX)
+        return col_max, self._step(cpu_kernels.SK_COL_SUM, col_max)
+
+    def column_step(self, log_u: torch.Tensor) -> torch.Tensor:
+        return self._step(cpu_kernels.SK_COL_STEP, log_u.contiguous())
+
+    def probs(self, log_u: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.x.shape, dtype=torch.float32)
+        self._step(cpu_kernels.SK_PROBS, log_u.contiguous(), out)
+        return out
+
+
+def _cpu_kernel_for(x: torch.Tensor):
+    """The C kernel's SK steps when they apply (fp32 CPU logits with unit column stride, not
+    under torch.compile) and are built, else None (the PyTorch ops)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] == 0 or \
+            (x.shape[1] > 1 and x.stride(1) != 1) or torch.compiler.is_compiling():
+        return None
+    return cpu_kernels.sinkhorn_kernel()
+
+
 class _NoRowSteps:
     """The steps of a rank with no valid row (only with a process group): it adds nothing to
     the column maxima and sums but joins every collective; its probabilities are those of its
@@ -143,6 +179,9 @@ def _steps(teacher_output: torch.Tensor, teacher_temp: float, n_valid_rows: int,
         from dino_fast.kernels.sinkhorn import TritonSinkhornSteps
         return TritonSinkhornSteps(teacher_output, teacher_temp, n_valid_rows)
     rows = teacher_output if all_rows else teacher_output[:n_valid_rows]
+    fn = _cpu_kernel_for(rows)
+    if fn is not None:
+        return _CpuKernelSteps(fn, rows, teacher_temp, n_valid_rows)
     return _EagerSteps(rows.float() / teacher_temp, n_valid_rows)  # a fresh (rows, K) fp32
 
 

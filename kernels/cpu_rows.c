@@ -227,9 +227,18 @@ static double student_row(const float *s, const float *q, float qscale, double q
     return qsum * log(sum) - qscale * d;
 }
 
+/* sum[k] += x with Kahan's compensation comp[k] (the sum is sum - comp): the column sum of many
+ * rows as exact as one rounding. An inf stays inf (its compensation would be NaN: set to 0). */
+static inline void kahan_add(float *sum, float *comp, float x) {
+    const float y = x - *comp, t = *sum + y, c = (t - *sum) - y;
+    *comp = c == c ? c : 0.0f;
+    *sum = t;
+}
+
 /* exp((t - center) * inv_t - max) of one teacher row into q: the softmax times the returned
- * sum (NaN for a row with an inf or a NaN). colsum, when not NULL, gets t added (the teacher's
- * column sum for a center update, in the same read of t). */
+ * sum (NaN for a row with an inf or a NaN). colsum, when not NULL (2 K floats: sums, then
+ * their compensations), gets t added (the teacher's column sum for a center update, in the same
+ * read of t). */
 static double teacher_row(const float *t, const float *center, float inv_t, float *q, int64_t K,
                           float *colsum) {
     float m = -INFINITY;
@@ -237,7 +246,7 @@ static double teacher_row(const float *t, const float *center, float inv_t, floa
 #pragma omp simd reduction(max : m)
         for (int64_t k = 0; k < K; ++k) {
             q[k] = (t[k] - (center ? center[k] : 0.0f)) * inv_t;
-            colsum[k] += t[k];
+            kahan_add(colsum + k, colsum + K + k, t[k]);
             m = q[k] > m ? q[k] : m;
         }
     } else if (center) {
@@ -274,9 +283,11 @@ static double teacher_row(const float *t, const float *center, float inv_t, floa
  * crops group_v0[g] .. group_v0[g + 1] - 1 share the teacher weights group_w[g * NT ..]; row_w:
  * B sample weights or NULL; work: dino_fast_soft_ce_work(NT, K) floats of this thread; ce:
  * V * B doubles;
- * colsum: K floats of this thread or NULL: set to the sum of the teacher rows of its samples.
- * Denormals are flushed to zero, in and out, for the call (restored at its end): a teacher's
- * probabilities below 1e-38 times a scale would otherwise make every sweep pay for them. */
+ * colsum: 2 K floats of this thread or NULL: set to the sum of the teacher rows of its samples
+ * (K sums, then K compensations: the sum is sums - compensations).
+ * Denormal results are flushed to zero for the call (restored at its end): a teacher's
+ * probabilities below 1e-38 times a scale would otherwise make every sweep pay for them. So a
+ * -inf student logit against a combined Q entry that flushes to 0 gives CE NaN, not +inf. */
 void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, float *G,
                            int64_t V, int64_t NT, int64_t B, int64_t K, float inv_s, float inv_t,
                            int64_t probs_given, int64_t n_groups, const int64_t *group_v0, const float *group_w,
@@ -285,7 +296,7 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
     (void)V;
 #if defined(__SSE__) || defined(__SSE2__)
     const unsigned int csr = _mm_getcsr();
-    _mm_setcsr(csr | 0x8040u); /* flush-to-zero and denormals-are-zero */
+    _mm_setcsr(csr | 0x8000u); /* flush-to-zero: no denormal result */
 #endif
     const float *qrow[64];
     float qscale[64]; /* teacher crop i's probabilities are qscale[i] * qrow[i] */
@@ -294,7 +305,7 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
     const int64_t nblk = (K + BLOCK - 1) / BLOCK;
     pending_grad pend[2] = {{0}, {0}};
     int cur = 0;
-    if (colsum) memset(colsum, 0, (size_t)K * sizeof(float));
+    if (colsum) memset(colsum, 0, 2 * (size_t)K * sizeof(float));
     for (int64_t b = b0; b < b1; ++b) {
         for (int64_t i = 0; i < NT; ++i) {
             const float *t = T + (i * B + b) * K;
@@ -312,7 +323,7 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
 #pragma omp simd reduction(+ : bs)
                         for (int64_t k = k0; k < k1; ++k) {
                             bs += t[k];
-                            colsum[k] += t[k];
+                            kahan_add(colsum + k, colsum + K + k, t[k]);
                         }
                     } else {
 #pragma omp simd reduction(+ : bs)
@@ -385,6 +396,18 @@ int64_t dino_fast_soft_ce_work(int64_t NT, int64_t K) {
     return (NT + 1) * K + 2 * ((K + BLOCK - 1) / BLOCK);
 }
 
+/* colsum (K floats) = the sum over i < n of the column sums at partial + i * stride (2 K floats
+ * each: sums, then their compensations, see kahan_add), added in double */
+void dino_fast_colsum_f32(const float *partial, int64_t n, int64_t stride, int64_t K,
+                          float *colsum) {
+    for (int64_t k = 0; k < K; ++k) {
+        double total = 0.0;
+        for (int64_t i = 0; i < n; ++i)
+            total += (double)partial[i * stride + k] - (double)partial[i * stride + K + k];
+        colsum[k] = (float)total;
+    }
+}
+
 /* 1 when built with OpenMP (dino_fast_soft_ce_f32_batch runs threads), else 0 */
 int64_t dino_fast_openmp(void) {
 #ifdef _OPENMP
@@ -396,8 +419,8 @@ int64_t dino_fast_openmp(void) {
 
 /* All B samples of dino_fast_soft_ce_f32 on n_threads threads (OpenMP; one after the other
  * without it), thread i taking samples B i / n .. B (i + 1) / n - 1 with work + i * work_stride
- * and, when colsum is not NULL, K floats at partial + i * work_stride for its teacher column sum;
- * colsum then gets the sum of the partial sums, added in double. */
+ * and, when colsum is not NULL, 2 K floats at partial + i * work_stride for its teacher column
+ * sum; colsum then gets the sum of the partial sums, added in double. */
 void dino_fast_soft_ce_f32_batch(const float *S, const float *T, const float *center, float *G,
                                  int64_t V, int64_t NT, int64_t B, int64_t K, float inv_s,
                                  float inv_t, int64_t probs_given, int64_t n_groups,
@@ -419,13 +442,7 @@ void dino_fast_soft_ce_f32_batch(const float *S, const float *T, const float *ce
         for (int64_t i = 0; i < n_threads; ++i) SOFT_CE_RANGE(i);
     }
 #undef SOFT_CE_RANGE
-    if (colsum) {
-        for (int64_t k = 0; k < K; ++k) {
-            double total = 0.0;
-            for (int64_t i = 0; i < n_threads; ++i) total += partial[i * work_stride + k];
-            colsum[k] = (float)total;
-        }
-    }
+    if (colsum) dino_fast_colsum_f32(partial, n_threads, work_stride, K, colsum);
 }
 
 /* ----------------------------------------------------------------------------------------------
@@ -670,4 +687,104 @@ void dino_fast_photometric_f32_batch(float *x, int64_t H, int64_t W, const float
         for (int64_t i = 0; i < n_threads; ++i) PHOTOMETRIC_RANGE(i);
     }
 #undef PHOTOMETRIC_RANGE
+}
+
+/* ----------------------------------------------------------------------------------------------
+ * The Sinkhorn-Knopp steps of dino_fast/sinkhorn.py (its _EagerSteps, whose formulas these
+ * follow) on a = X / tau, fp32, read in place (row stride ld, K columns): each step one read of
+ * the rows, one exponential per entry (none for the column max), K floats of partial result per
+ * thread; nothing (rows, K) but the probabilities of SK_PROBS.
+ *   SK_COL_MAX   result_k = max_b a_bk (a NaN in a column makes it NaN)
+ *   SK_COL_SUM   result_k = sum_b exp(a_bk - vec_k)                     (vec: the column max)
+ *   SK_COL_STEP  result_k = sum_b P_bk, P = softmax_rows(a + vec)        (vec: log u)
+ *   SK_PROBS     out rows = softmax_rows(a + vec)
+ * Denormal results are flushed to zero for the call, as in the loss. */
+enum { SK_COL_MAX = 0, SK_COL_SUM = 1, SK_COL_STEP = 2, SK_PROBS = 3 };
+
+static inline float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+
+/* rows r0 .. r1 - 1 of one step: partial (K floats, set here) and row (K floats of work) */
+static void sk_rows(int64_t op, const float *X, int64_t ld, int64_t K, float inv_t,
+                    const float *vec, float *partial, float *row, float *out, int64_t out_ld,
+                    int64_t r0, int64_t r1) {
+#if defined(__SSE__) || defined(__SSE2__)
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8000u);
+#endif
+    if (op != SK_PROBS)
+        for (int64_t k = 0; k < K; ++k) partial[k] = op == SK_COL_MAX ? -INFINITY : 0.0f;
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *x = X + r * ld;
+        if (op == SK_COL_MAX) {
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) partial[k] = max_nan(partial[k], x[k] * inv_t);
+        } else if (op == SK_COL_SUM) {
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) partial[k] += exp_nonpositive(x[k] * inv_t - vec[k]);
+        } else {
+            float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+            for (int64_t k = 0; k < K; ++k) {
+                row[k] = x[k] * inv_t + vec[k];
+                m = m > row[k] ? m : row[k];
+            }
+            /* a NaN entry (wherever m ends) makes its exp, the row sum and so the row NaN */
+            double sum = 0.0;
+            for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
+                const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
+                float bs = 0.0f;
+#pragma omp simd reduction(+ : bs)
+                for (int64_t k = k0; k < k1; ++k) {
+                    row[k] = exp_nonpositive(row[k] - m);
+                    bs += row[k];
+                }
+                sum += bs;
+            }
+            const float inv = (float)(1.0 / sum);
+            if (op == SK_COL_STEP) {
+#pragma omp simd
+                for (int64_t k = 0; k < K; ++k) partial[k] += row[k] * inv;
+            } else {
+                float *o = out + r * out_ld;
+#pragma omp simd
+                for (int64_t k = 0; k < K; ++k) o[k] = row[k] * inv;
+            }
+        }
+    }
+#if defined(__SSE__) || defined(__SSE2__)
+    _mm_setcsr(csr);
+#endif
+}
+
+/* One step over rows 0 .. n - 1 on n_threads threads (OpenMP; one after the other without it),
+ * thread i taking rows n i / n_threads .. n (i + 1) / n_threads - 1 with 2 K floats of work at
+ * work + i * work_stride (its partial result, then its row); result (K floats) gets the
+ * partials combined (max, or the sum in double); SK_PROBS writes out instead. */
+void dino_fast_sk_f32_batch(int64_t op, const float *X, int64_t ld, int64_t n, int64_t K,
+                            float inv_t, const float *vec, int64_t n_threads, float *work,
+                            int64_t work_stride, float *out, int64_t out_ld, float *result) {
+#define SK_RANGE(i)                                                                           \
+    sk_rows(op, X, ld, K, inv_t, vec, work + (i) * work_stride, work + (i) * work_stride + K, \
+            out, out_ld, n * (i) / n_threads, n * ((i) + 1) / n_threads)
+    if (n_threads == 1) {
+        SK_RANGE(0);
+    } else {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static, 1)
+#endif
+        for (int64_t i = 0; i < n_threads; ++i) SK_RANGE(i);
+    }
+#undef SK_RANGE
+    if (op == SK_PROBS) return;
+    for (int64_t k = 0; k < K; ++k) {
+        if (op == SK_COL_MAX) {
+            float m = -INFINITY;
+            for (int64_t i = 0; i < n_threads; ++i) m = max_nan(m, work[i * work_stride + k]);
+            result[k] = m;
+        } else {
+            double total = 0.0;
+            for (int64_t i = 0; i < n_threads; ++i) total += work[i * work_stride + k];
+            result[k] = (float)total;
+        }
+    }
 }

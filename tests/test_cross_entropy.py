@@ -325,9 +325,11 @@ def test_cpu_kernel_shares_pytorchs_openmp_runtime():
 
 
 _FORK_SCRIPT = """
-import os, torch
+import os, sys, torch
+from dino_fast import cpu_kernels
 from dino_fast.cross_entropy import soft_cross_entropy
 W = [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+groups = [(0, 1, [0.0, 1.0]), (1, 2, [1.0, 0.0]), (2, 3, [1.0, 1.0])]
 g = torch.Generator().manual_seed(0)
 S, T = torch.randn(3 * 8, 65536, generator=g), torch.randn(2 * 8, 65536, generator=g)
 def loss():
@@ -337,21 +339,34 @@ def loss():
     return value.item(), s.grad
 torch.set_num_threads(2)
 ref, ref_grad = loss()  # the parent's threads (OpenMP: its pool) ran the kernel
+grad, col = torch.empty_like(S), torch.empty(65536)
+def kernel():  # the kernel alone: no PyTorch op that would run on threads
+    ce = cpu_kernels.soft_cross_entropy(cpu_kernels.kernel(), S, T, None, grad, groups, 2, 0.1,
+                                        0.04, None, 1.0, col)
+    return ce
+ref_ce = kernel().clone()
+ref_kernel_grad, ref_col = grad.clone(), col.clone()
 pid = os.fork()
-if pid == 0:  # a data-loader worker: one thread, as torch.utils.data sets it
-    torch.set_num_threads(1)
-    value, grad = loss()
-    os._exit(0 if value == ref and torch.equal(grad, ref_grad) else 3)
+if pid == 0:
+    mode = cpu_kernels.thread_mode()
+    ce = kernel()  # two threads: Python threads in the child
+    torch.set_num_threads(1)  # then, as a data-loader worker, one thread for PyTorch's ops
+    ok = torch.equal(ce, ref_ce) and torch.equal(grad, ref_kernel_grad)
+    ok = ok and torch.equal(col, ref_col)
+    value, grad1 = loss()
+    ok = ok and value == ref and torch.equal(grad1, ref_grad) and mode == "python threads"
+    os._exit(0 if ok else 3)
 print(os.waitpid(pid, 0)[1])
 """
 
 
 @needs_cpu_kernel
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
-def test_cpu_kernel_runs_in_a_forked_one_thread_child():
-    # GNU OpenMP's pool does not survive a fork (PyTorch's own ops hang in a child that runs
-    # them on several threads); with one thread, as in a data-loader worker, the kernel runs and
-    # gives the parent's result bit for bit
+def test_cpu_kernel_runs_in_a_forked_child():
+    # GNU OpenMP's pool does not survive a fork (a parallel region in the child would wait for
+    # its threads forever, as PyTorch's own ops do in a child with several threads): a forked
+    # child runs the kernel on Python threads, on two threads and on one, bit for bit as the
+    # parent
     proc = subprocess.Popen([sys.executable, "-c", _FORK_SCRIPT], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -360,6 +375,30 @@ def test_cpu_kernel_runs_in_a_forked_one_thread_child():
         os.killpg(proc.pid, 9)
         raise AssertionError("the forked child hung") from None
     assert proc.returncode == 0 and out.split() == ["0"], (out, err[-2000:])
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_column_sum_of_many_rows_is_compensated(monkeypatch):
+    # 8192 teacher rows near 10 on one thread: a plain fp32 running sum drifts by ~1e-5
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    g = torch.Generator().manual_seed(3)
+    teacher = 10 + torch.rand(2 * 4096, 64, generator=g)
+    student = torch.randn(2 * 4096, 64, generator=g)
+    _, col = soft_cross_entropy(student, teacher, [[0.0, 1.0], [1.0, 0.0]], student_temp=0.1,
+                                teacher_temp=0.04, teacher_sum=True, backend="eager")
+    assert rel_rms(col, teacher.double().sum(0)) <= 1e-7
+
+
+def test_teacher_column_sum_is_not_differentiable_under_compile():
+    # torch.compile does not keep an autograd Function's mark_non_differentiable
+    def f(s, t):
+        return soft_cross_entropy(s, t, [[0.0, 1.0], [1.0, 0.0]], student_temp=0.1,
+                                  teacher_temp=0.04, teacher_sum=True, backend="eager")
+    s, t = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16)
+    loss, col = torch.compile(f, backend="aot_eager", fullgraph=False)(s, t)
+    assert loss.requires_grad and not col.requires_grad
+    loss.backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
 
 
 @needs_cpu_kernel

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import free_port
 
-from dino_fast import dinov3
+from dino_fast import cpu_kernels, dinov3
 from dino_fast.backend import triton_available
 from dino_fast.dinov2 import DINOLoss, KoLeoLoss, ibot_masked_loss, iBOTPatchLoss
 from dino_fast.sinkhorn import sinkhorn_knopp_center, sinkhorn_knopp_log_scale, sinkhorn_knopp_probs
@@ -104,6 +104,81 @@ def test_sinkhorn_padding_rows_take_no_part():
     padded = torch.cat([x, 100.0 * torch.ones(5, 17)])
     c = sinkhorn_knopp_center(padded, 0.04, n_valid_rows=12)
     torch.testing.assert_close(c, sinkhorn_knopp_center(x, 0.04), rtol=1e-6, atol=1e-6)
+
+
+needs_cpu_kernel = pytest.mark.skipif(cpu_kernels.status() != "compiled",
+                                      reason="the CPU kernels cannot be built here")
+
+
+def _sk_kernel_and_ops(monkeypatch, fn, *args, **kwargs):
+    out = []
+    for choice in ("1", "0"):
+        monkeypatch.setenv(cpu_kernels.ENV, choice)
+        out.append(fn(*args, **kwargs))
+    return out
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("threads", ["openmp", "calling thread"])
+@pytest.mark.parametrize("rows,K,n_valid", [(1, 7, None), (13, 1, None), (37, 1025, None),
+                                            (40, 600, 29)])
+def test_sinkhorn_cpu_kernel_equals_the_ops(monkeypatch, threads, rows, K, n_valid):
+    # the C kernel's steps (fp32, read in place, rows split over 3 threads) against the PyTorch
+    # ops of the eager path, on a strided view (row stride > K) with padding rows
+    if threads == "calling thread":
+        monkeypatch.setitem(cpu_kernels._state, "batch", None)
+    elif cpu_kernels.thread_mode() != "openmp":
+        pytest.skip("no single OpenMP runtime here")
+    monkeypatch.setattr(cpu_kernels, "MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    x = logits(rows, K + 3, scale=4.0, seed=rows + K)[:, 1:K + 1]
+    if n_valid is not None:
+        x[n_valid:] = 100.0  # padding rows, far above every valid logit
+    for n_iterations in (1, 3):
+        kw = dict(n_valid_rows=n_valid, backend="eager")
+        k_u, o_u = _sk_kernel_and_ops(monkeypatch, sinkhorn_knopp_log_scale, x, 0.04,
+                                      n_iterations, **kw)
+        assert k_u.dtype == torch.float32 and k_u.shape == (K,)
+        assert rel_rms(k_u, o_u) <= 1e-5
+        k_q, o_q = _sk_kernel_and_ops(monkeypatch, sinkhorn_knopp_probs, x, 0.04, n_iterations,
+                                      **kw)
+        assert k_q.shape == x.shape and rel_rms(k_q, o_q) <= PROB_RTOL
+        n = rows if n_valid is None else n_valid
+        ref = official_sinkhorn_knopp(x[:n].double(), 0.04, n_iterations)
+        assert rel_rms(k_q[:n], ref) <= PROB_RTOL
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_sinkhorn_cpu_kernel_treats_non_finite_logits_as_the_ops_do(monkeypatch, value):
+    x = logits(9, 40, scale=2.0, seed=1)
+    x[3, 5] = value
+    for fn in (sinkhorn_knopp_log_scale, sinkhorn_knopp_probs):
+        k, o = _sk_kernel_and_ops(monkeypatch, fn, x, 0.04, 3, backend="eager")
+        assert torch.equal(torch.isnan(k), torch.isnan(o))
+        assert torch.equal(torch.isinf(k), torch.isinf(o))
+        finite = torch.isfinite(o)
+        torch.testing.assert_close(k[finite], o[finite], rtol=1e-4, atol=1e-6)
+    x[:, 11] = -float("inf")  # a prototype no sample can take
+    k, o = _sk_kernel_and_ops(monkeypatch, sinkhorn_knopp_log_scale, x, 0.04, 3,
+                              backend="eager")
+    assert torch.equal(torch.isnan(k), torch.isnan(o))
+
+
+@needs_cpu_kernel
+def test_sinkhorn_cpu_kernel_is_used_for_fp32_on_the_cpu_only(monkeypatch):
+    calls = []
+    real = cpu_kernels.sinkhorn_step
+    monkeypatch.setattr(cpu_kernels, "sinkhorn_step", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    x = logits(8, 16, seed=2)
+    sinkhorn_knopp_center(x, 0.04, backend="eager")
+    assert calls
+    calls.clear()
+    sinkhorn_knopp_center(x.bfloat16(), 0.04, backend="eager")
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    sinkhorn_knopp_center(x, 0.04, backend="eager")
+    assert not calls
 
 
 # ----------------------------------------------------------------------- DINOLoss (CLS)
