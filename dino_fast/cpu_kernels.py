@@ -97,6 +97,7 @@ def _cache_dirs() -> list:
 
 
 def _load(path: Path) -> dict:
+    runtimes = _openmp_runtimes()  # PyTorch's, loaded with torch
     lib = ctypes.CDLL(str(path))
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     fn = lib.dino_fast_soft_ce_f32
@@ -124,21 +125,26 @@ def _load(path: Path) -> dict:
     sk = lib.dino_fast_sk_f32_batch
     sk.argtypes = [i64, ptr, i64, i64, i64, f32, ptr, i64, ptr, i64, ptr, i64, ptr]
     sk.restype = None
-    openmp = bool(lib.dino_fast_openmp()) and _one_openmp_runtime()
+    # the OpenMP threads only where the build bound to the one runtime already loaded, a GNU one
+    # (not a second runtime with threads of its own: clang's libomp, another libgomp)
+    after = _openmp_runtimes()
+    openmp = bool(lib.dino_fast_openmp()) and after is not None and after == runtimes and \
+        len(after) == 1 and "libgomp" in os.path.basename(next(iter(after)))
     return {"fn": fn, "photometric": photo, "batch": batch if openmp else None,
             "work_floats": lib.dino_fast_soft_ce_work, "sinkhorn": sk, "colsum": colsum,
-            "photometric_batch": photo_batch if openmp else None}
+            "photometric_batch": photo_batch if openmp else None, "path": path}
 
 
-def _one_openmp_runtime() -> bool:
-    """Whether the process maps exactly one GNU OpenMP runtime (Linux; elsewhere False): the
-    kernel's threads are then PyTorch's own."""
+def _openmp_runtimes() -> Optional[set]:
+    """The OpenMP runtime libraries the process maps (GNU, LLVM, Intel), by real path; None where
+    /proc/self/maps cannot be read (not Linux)."""
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libgomp" in line}
+            paths = {line.split()[-1] for line in f
+                     if any(n in line for n in ("libgomp", "libomp", "libiomp"))}
     except OSError:
-        return False
-    return len({os.path.realpath(p) for p in paths}) == 1
+        return None
+    return {os.path.realpath(p) for p in paths}
 
 
 def _compile(compiler: str, flags: list, target: Path) -> Optional[str]:
@@ -206,7 +212,7 @@ def _kernel(name: str):
                 _state.update(_build(), why="compiled")
             except Exception as exc:  # no compiler, a failed build: the ops still run
                 _state.update(fn=None, photometric=None, batch=None, photometric_batch=None,
-                              sinkhorn=None, why=f"unavailable: {exc}")
+                              sinkhorn=None, path=None, why=f"unavailable: {exc}")
                 if want == "auto":
                     warnings.warn(f"dino_fast: the CPU kernels could not be built, the eager "
                                   f"loss and the batched augmentation run on PyTorch ops "

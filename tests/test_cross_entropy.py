@@ -4,6 +4,7 @@ logits with a center, teacher probabilities as given (rows that do not sum to 1)
 row weights (zeros included), arbitrary pair tables (DINOv3's all pairs, iBOT's one pair), over
 dtypes and awkward shapes; gradients for grad_output != 1, a retained graph, no_grad; the
 teacher's column sum; bad input refused before any work. Tolerances: tests/reference.py."""
+import ctypes
 import os
 import subprocess
 import sys
@@ -358,6 +359,24 @@ if pid == 0:
     os._exit(0 if ok else 3)
 print(os.waitpid(pid, 0)[1])
 """
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("before,after,openmp", [
+    ({"/t/libgomp.so.1"}, {"/t/libgomp.so.1"}, True),
+    ({"/t/libgomp.so.1"}, {"/t/libgomp.so.1", "/usr/lib/libomp.so"}, False),  # clang's build
+    ({"/t/libgomp.so.1"}, {"/t/libgomp.so.1", "/usr/lib/libgomp.so.1"}, False),  # a 2nd GNU
+    ({"/t/libiomp5.so"}, {"/t/libiomp5.so"}, False),  # PyTorch on Intel's runtime
+    (None, None, False)])  # no /proc/self/maps
+def test_cpu_kernel_takes_openmp_threads_only_from_the_one_gnu_runtime(monkeypatch, before,
+                                                                        after, openmp):
+    seen = iter([before, after])
+    monkeypatch.setattr(cpu_kernels, "_openmp_runtimes", lambda: next(seen))
+    path = cpu_kernels._state["path"]
+    loaded = cpu_kernels._load(path)
+    openmp = openmp and bool(ctypes.CDLL(str(path)).dino_fast_openmp())  # a build with OpenMP
+    assert (loaded["batch"] is not None) == openmp
+    assert (loaded["photometric_batch"] is not None) == openmp
 
 
 @needs_cpu_kernel
