@@ -1,5 +1,5 @@
-"""The CPU kernels (kernels/cpu_rows.c), built at first use: the eager soft cross-entropy's rows
-and the batched augmentation's photometric pass.
+"""The CPU kernels (kernels/cpu_rows.c), built at first use: the eager soft cross-entropy's rows,
+the Sinkhorn-Knopp teacher's steps and the batched augmentation's photometric pass.
 
 On a CPU a chain of PyTorch ops reads each cache-resident row of the student eight or nine times
 (scale, max, shift, softmax, max, dot, gradient) and pays a call per op and chunk. The C kernel
@@ -11,14 +11,15 @@ once per machine with the system C compiler (`$CC`, else `cc`) into a cache dire
 temporary directory), keyed by the source, the flags and the CPU, and loaded with ctypes (a
 cached build that does not load is rebuilt).
 
-The loss and the photometric pass run on `torch.get_num_threads()` threads, a range of samples
-(images) each. Where the build links OpenMP and the process then maps one OpenMP runtime
-(PyTorch's libgomp, which the build's libgomp.so.1 binds to), they are that runtime's threads:
-after a PyTorch op those still spin, waiting for work, and any other thread would compete with
-them for the cores (the loss a third slower on a 2-core VM). Otherwise they are Python threads
-(ctypes releases the GIL). `thread_mode()` says which. A forked child uses Python threads: GNU
-OpenMP's pool does not survive a fork (PyTorch's own parallel ops hang in such a child unless
-it runs one thread, as data-loader workers do).
+The loss, the Sinkhorn-Knopp steps and the photometric pass run on `torch.get_num_threads()`
+threads, a range of samples (rows, images) each. Where the build links OpenMP and the process
+then maps one OpenMP runtime (PyTorch's libgomp, which the build's libgomp.so.1 binds to), they
+are that runtime's threads: after a PyTorch op those still spin, waiting for work, and any other
+thread would compete with them for the cores (the loss a third slower on a 2-core VM).
+Otherwise the loss and the photometric pass run on Python threads (ctypes releases the GIL) and
+the Sinkhorn-Knopp steps on the calling thread. `thread_mode()` says which. A forked child runs
+them so too: GNU OpenMP's pool does not survive a fork (PyTorch's own parallel ops hang in such a
+child unless it runs one thread, as data-loader workers do).
 
 The augmentation's colour jitter and grayscale (`photometric`) take each image through all of
 their operations while it is in the cache, where the PyTorch ops make a pass over the batch per

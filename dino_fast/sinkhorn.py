@@ -26,7 +26,9 @@ and one column sum per iteration); none without a process group.
 
 Backends (`backend="auto" | "triton" | "eager"`, see dino_fast.backend; "auto" is Triton on
 CUDA): both run the same iterations and collectives (`sinkhorn_log_scale`) on their own steps.
-The eager steps hold a and one (n, K) fp32 workspace; the Triton steps
+The eager steps on fp32 CPU logits run in C (`dino_fast.cpu_kernels`: each step one read of X in
+place, one exponential per entry, K floats per thread); otherwise (other dtypes, no C compiler,
+`DINO_FAST_CPU_KERNEL=0`) PyTorch ops holding a and one (n, K) fp32 workspace; the Triton steps
 (dino_fast/kernels/sinkhorn.py) read X in place, 2n - 1 passes for n iterations, and hold O(K +
 N) floats. The probabilities Q are the only (N, K) tensor `sinkhorn_knopp_probs` adds.
 """
@@ -219,7 +221,8 @@ def sinkhorn_knopp_log_scale(teacher_output: torch.Tensor, teacher_temp: float,
         (NaN when no rank of the group has a sample).
     backend: "auto" (Triton on CUDA, eager elsewhere), "triton" (on CPU only under
         TRITON_INTERPRET=1) or "eager". The Triton path reads the logits 2 * n_iterations - 1
-        times and holds O(K + N) floats; the eager path holds two (n, K) fp32 tensors.
+        times and holds O(K + N) floats; the eager path on fp32 CPU logits (C) n + 1 times and
+        K floats per thread, otherwise two (n, K) fp32 tensors.
     log u is defined up to an additive constant (it cancels in the softmax).
     """
     _, _, n_valid = check_sinkhorn_inputs(teacher_output, teacher_temp, n_iterations, n_valid_rows)
