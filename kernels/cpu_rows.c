@@ -227,6 +227,23 @@ static double student_row(const float *s, const float *q, float qscale, double q
     return qsum * log(sum) - qscale * d;
 }
 
+/* v[k] = exp(v[k] - m) in place (v <= m); returns their sum (float partial sums per BLOCK, then
+ * double) */
+static double exp_shifted_sum(float *v, float m, int64_t K) {
+    double sum = 0.0;
+    for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
+        const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
+        float bs = 0.0f;
+#pragma omp simd reduction(+ : bs)
+        for (int64_t k = k0; k < k1; ++k) {
+            v[k] = exp_nonpositive(v[k] - m);
+            bs += v[k];
+        }
+        sum += bs;
+    }
+    return sum;
+}
+
 /* sum[k] += x with Kahan's compensation comp[k] (the sum is sum - comp): the column sum of many
  * rows as exact as one rounding. An inf stays inf (its compensation would be NaN: set to 0). */
 static inline void kahan_add(float *sum, float *comp, float x) {
@@ -262,17 +279,7 @@ static double teacher_row(const float *t, const float *center, float inv_t, floa
             m = q[k] > m ? q[k] : m;
         }
     }
-    double sum = 0.0;
-    for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
-        const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
-        float bs = 0.0f;
-#pragma omp simd reduction(+ : bs)
-        for (int64_t k = k0; k < k1; ++k) {
-            q[k] = exp_nonpositive(q[k] - m);
-            bs += q[k];
-        }
-        sum += bs;
-    }
+    const double sum = exp_shifted_sum(q, m, K);
     return (m == m && m != INFINITY) ? sum : NAN;
 }
 
@@ -390,6 +397,27 @@ void dino_fast_soft_ce_f32(const float *S, const float *T, const float *center, 
 #endif
 }
 
+/* BODY for each i < n_threads, on the threads of the OpenMP runtime (one after the other in a
+ * build without OpenMP); no parallel region for one thread. The pragma names the caller's
+ * variable n_threads (a _Pragma string takes no macro argument). */
+#ifdef _OPENMP
+#define FOR_EACH_THREAD(n_threads, BODY)                                                      \
+    do {                                                                                      \
+        if ((n_threads) == 1) {                                                               \
+            const int64_t i = 0;                                                              \
+            BODY;                                                                             \
+        } else {                                                                              \
+            _Pragma("omp parallel for num_threads(n_threads) schedule(static, 1)")            \
+            for (int64_t i = 0; i < (n_threads); ++i) BODY;                                   \
+        }                                                                                     \
+    } while (0)
+#else
+#define FOR_EACH_THREAD(n_threads, BODY)                                                      \
+    do {                                                                                      \
+        for (int64_t i = 0; i < (n_threads); ++i) BODY;                                       \
+    } while (0)
+#endif
+
 /* The floats of work dino_fast_soft_ce_f32 takes per thread: the teacher rows and Q, and two
  * rows' block maxima */
 int64_t dino_fast_soft_ce_work(int64_t NT, int64_t K) {
@@ -428,20 +456,12 @@ void dino_fast_soft_ce_f32_batch(const float *S, const float *T, const float *ce
                                  const float *row_w, double f, int64_t n_threads, float *work,
                                  int64_t work_stride, double *ce, float *partial,
                                  float *colsum) {
-#define SOFT_CE_RANGE(i)                                                                      \
-    dino_fast_soft_ce_f32(S, T, center, G, V, NT, B, K, inv_s, inv_t, probs_given, n_groups,     \
-                          group_v0, group_w, row_w, f, B * (i) / n_threads,                      \
-                          B * ((i) + 1) / n_threads, work + (i) * work_stride, ce,               \
-                          colsum ? partial + (i) * work_stride : 0)
-    if (n_threads == 1) { /* no parallel region */
-        SOFT_CE_RANGE(0);
-    } else {
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) schedule(static, 1)
-#endif
-        for (int64_t i = 0; i < n_threads; ++i) SOFT_CE_RANGE(i);
-    }
-#undef SOFT_CE_RANGE
+    FOR_EACH_THREAD(n_threads,
+                    dino_fast_soft_ce_f32(S, T, center, G, V, NT, B, K, inv_s, inv_t, probs_given,
+                                          n_groups, group_v0, group_w, row_w, f,
+                                          B * i / n_threads, B * (i + 1) / n_threads,
+                                          work + i * work_stride, ce,
+                                          colsum ? partial + i * work_stride : 0));
     if (colsum) dino_fast_colsum_f32(partial, n_threads, work_stride, K, colsum);
 }
 
@@ -673,20 +693,11 @@ void dino_fast_photometric_f32_batch(float *x, int64_t H, int64_t W, const float
                                      float threshold, const float *mean, const float *std,
                                      int64_t n, int64_t n_threads, float *work,
                                      int64_t work_stride) {
-#define PHOTOMETRIC_RANGE(i)                                                                  \
-    dino_fast_photometric_f32(x, H, W, images, B, H_in, W_in, wy, wx_t, ops, factors, gray,   \
-                              blur, blur_k, reach, solarize, threshold, mean, std,            \
-                              work + (i) * work_stride, n * (i) / n_threads,                  \
-                              n * ((i) + 1) / n_threads)
-    if (n_threads == 1) {
-        PHOTOMETRIC_RANGE(0);
-    } else {
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) schedule(static, 1)
-#endif
-        for (int64_t i = 0; i < n_threads; ++i) PHOTOMETRIC_RANGE(i);
-    }
-#undef PHOTOMETRIC_RANGE
+    FOR_EACH_THREAD(n_threads,
+                    dino_fast_photometric_f32(x, H, W, images, B, H_in, W_in, wy, wx_t, ops,
+                                              factors, gray, blur, blur_k, reach, solarize,
+                                              threshold, mean, std, work + i * work_stride,
+                                              n * i / n_threads, n * (i + 1) / n_threads));
 }
 
 /* ----------------------------------------------------------------------------------------------
@@ -729,18 +740,7 @@ static void sk_rows(int64_t op, const float *X, int64_t ld, int64_t K, float inv
                 m = m > row[k] ? m : row[k];
             }
             /* a NaN entry (wherever m ends) makes its exp, the row sum and so the row NaN */
-            double sum = 0.0;
-            for (int64_t k0 = 0; k0 < K; k0 += BLOCK) {
-                const int64_t k1 = k0 + BLOCK < K ? k0 + BLOCK : K;
-                float bs = 0.0f;
-#pragma omp simd reduction(+ : bs)
-                for (int64_t k = k0; k < k1; ++k) {
-                    row[k] = exp_nonpositive(row[k] - m);
-                    bs += row[k];
-                }
-                sum += bs;
-            }
-            const float inv = (float)(1.0 / sum);
+            const float inv = (float)(1.0 / exp_shifted_sum(row, m, K));
             if (op == SK_COL_STEP) {
 #pragma omp simd
                 for (int64_t k = 0; k < K; ++k) partial[k] += row[k] * inv;
@@ -763,18 +763,10 @@ static void sk_rows(int64_t op, const float *X, int64_t ld, int64_t K, float inv
 void dino_fast_sk_f32_batch(int64_t op, const float *X, int64_t ld, int64_t n, int64_t K,
                             float inv_t, const float *vec, int64_t n_threads, float *work,
                             int64_t work_stride, float *out, int64_t out_ld, float *result) {
-#define SK_RANGE(i)                                                                           \
-    sk_rows(op, X, ld, K, inv_t, vec, work + (i) * work_stride, work + (i) * work_stride + K, \
-            out, out_ld, n * (i) / n_threads, n * ((i) + 1) / n_threads)
-    if (n_threads == 1) {
-        SK_RANGE(0);
-    } else {
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(n_threads) schedule(static, 1)
-#endif
-        for (int64_t i = 0; i < n_threads; ++i) SK_RANGE(i);
-    }
-#undef SK_RANGE
+    FOR_EACH_THREAD(n_threads,
+                    sk_rows(op, X, ld, K, inv_t, vec, work + i * work_stride,
+                            work + i * work_stride + K, out, out_ld, n * i / n_threads,
+                            n * (i + 1) / n_threads));
     if (op == SK_PROBS) return;
     for (int64_t k = 0; k < K; ++k) {
         if (op == SK_COL_MAX) {
