@@ -216,8 +216,9 @@ def _kernel(name: str):
                               sinkhorn=None, path=None, why=f"unavailable: {exc}")
                 if want == "auto":
                     warnings.warn(f"dino_fast: the CPU kernels could not be built, the eager "
-                                  f"loss and the batched augmentation run on PyTorch ops "
-                                  f"(slower): {exc}", RuntimeWarning, stacklevel=4)
+                                  f"loss, the Sinkhorn-Knopp steps and the batched augmentation "
+                                  f"run on PyTorch ops (slower): {exc}", RuntimeWarning,
+                                  stacklevel=4)
     if _state[name] is None and want == "1":
         raise RuntimeError(f"{ENV}=1 but the CPU kernels are {_state['why']}")
     return _state[name]
