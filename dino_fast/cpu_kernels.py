@@ -326,7 +326,6 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
             0 if grad is None else grad.data_ptr(), V, n_teacher, B, K, 1.0 / student_temp,
             inv_t, int(teacher_temp is None), len(groups), bounds.data_ptr(), weights.data_ptr(),
             0 if rw is None else rw.data_ptr(), grad_scale / student_temp)
-    edges = [B * i // workers for i in range(workers + 1)]
     partial = None if col_sum is None else work[:, need:]
     batch = _state.get("batch")
     if batch is not None:  # the threads of the OpenMP runtime; the column sum added in C
@@ -334,6 +333,7 @@ def soft_cross_entropy(fn, student: torch.Tensor, teacher: torch.Tensor,
               0 if partial is None else partial.data_ptr(),
               0 if col_sum is None else col_sum.data_ptr())
         return ce
+    edges = [B * i // workers for i in range(workers + 1)]
     _run(fn, [(*args, b0, b1, work[i].data_ptr(), ce.data_ptr(),
                0 if partial is None else partial[i].data_ptr())
               for i, (b0, b1) in enumerate(zip(edges[:-1], edges[1:]))])

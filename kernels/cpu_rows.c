@@ -144,15 +144,16 @@ static inline void grad_block(const pending_grad *g, int64_t j, int64_t k0, int6
 static void flush_grad(pending_grad *g, int64_t K) {
     if (!g->out) return;
     int64_t j = 0;
-    for (int64_t k0 = 0; k0 < K; k0 += BLOCK, ++j) grad_block(g, j, k0, k0 + BLOCK < K ? BLOCK : K - k0);
+    for (int64_t k0 = 0; k0 < K; k0 += BLOCK, ++j)
+        grad_block(g, j, k0, k0 + BLOCK < K ? BLOCK : K - k0);
     g->out = 0;
 }
 
 /* Sweep 1 of one student row s against Q = qscale * q (Qsum its sum): returns CE. When out is
  * not NULL the row's gradient fw (Qsum p - Q) is left pending in *next (its sweep 2 done later,
  * interleaved with the next row's sweep 1), with blk_max (ceil(K / BLOCK) floats of work) for
- * its block maxima; the pending row *prev (if any) gets its sweep 2 here, block by block, so
- * that the stores to memory of one row overlap the exponentials of the next.
+ * its block maxima; the pending row *prev (when prev->out is set) gets its sweep 2 here, block
+ * by block, so that the stores to memory of one row overlap the exponentials of the next.
  *
  * Sweep 1, a block of BLOCK entries at a time, each first read from memory for its max (and
  * NaNs) and then, from L1, for exp(y - m) and <q, y - m>, m the running max of y: an online
@@ -208,9 +209,9 @@ static double student_row(const float *s, const float *q, float qscale, double q
         sum += bs;
         d += bd;
         qacc += bq;
-        if (prev && prev->out) grad_block(prev, j, k0, k1 - k0);
+        if (prev->out) grad_block(prev, j, k0, k1 - k0);
     }
-    if (prev) prev->out = 0;
+    prev->out = 0;
     if (nans != 0.0f || m == INFINITY || m == -INFINITY) {
         if (out)
             for (int64_t k = 0; k < K; ++k) out[k] = NAN;
