@@ -283,6 +283,9 @@ def train_dino(args: argparse.Namespace) -> dict:
     # ============ training ... ============
     start_time = time.perf_counter()
     epoch_times, epochs_done, latest_knn = [], start_epoch, (None, None)
+    # the epoch before's DINO loss, for the collapse test (from the log after a resume)
+    previous_loss = next((r["dino_loss"] for r in reversed(log.read()) if r.get("type") == "epoch"
+                          and r.get("epoch") == start_epoch - 1 and "dino_loss" in r), None)
     for epoch in range(start_epoch, args.epochs):
         if epoch_times and args.max_train_minutes and distributed.any_rank(
                 time.perf_counter() - start_time + epoch_times[-1] > 60 * args.max_train_minutes,
@@ -312,7 +315,8 @@ def train_dino(args: argparse.Namespace) -> dict:
         # the loss starts near ln(out_dim): judge it from the second epoch on
         warning = collapse_warning(stats["dino_loss"], stats["teacher_entropy"],
                                    stats["marginal_entropy"], args.out_dim,
-                                   check_uniform=epoch > 0)
+                                   check_uniform=epoch > 0, previous_loss=previous_loss)
+        previous_loss = stats["dino_loss"]
         if warning and main_process:
             log.write(type="warning", epoch=epoch, message=warning)
             warnings.warn(warning, RuntimeWarning, stacklevel=1)

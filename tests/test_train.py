@@ -389,6 +389,21 @@ def test_collapse_warnings():
                                 k).startswith("possible collapse to a uniform output")
     # the first epoch starts at ln(K): only the one-dimension test applies
     assert collapse_warning(math.log(k), 4.0, 4.1, k, check_uniform=False) is None
+    # the README's Sinkhorn-Knopp CIFAR-10 command after epoch 2 (K = 1024): near ln(K) with a
+    # teacher at 0.88 ln(K), but the loss fell by 3% of ln(K) since epoch 1: no warning; the
+    # same figures with a loss that fell by less than 0.5% of ln(K), or rose, do warn
+    ln_k = math.log(1024)
+    cifar = dict(epoch_loss=6.7262, teacher_entropy=6.107, marginal_entropy=6.931, out_dim=1024)
+    assert collapse_warning(**cifar) is not None  # the figures alone look like collapse
+    assert collapse_warning(**cifar, previous_loss=6.9345) is None
+    assert collapse_warning(**cifar, previous_loss=6.7262 + 0.0051 * ln_k) is None
+    for before in (6.7262 + 0.0049 * ln_k, 6.7262, 6.70):
+        message = collapse_warning(**cifar, previous_loss=before)
+        assert message.startswith("possible collapse to a uniform output: the loss 6.726 "
+                                  f"({before:.3f} the epoch before) is stuck")
+    # a falling loss does not hide a collapse to one dimension
+    assert collapse_warning(6.0, 0.01, 0.02, 1024, previous_loss=6.9).startswith(
+        "possible collapse to one dimension")
 
 
 def test_non_finite_guard_names_the_first_bad_step():
@@ -402,7 +417,15 @@ def test_non_finite_guard_names_the_first_bad_step():
     fine.check()
 
 
-def test_time_budget_stops_between_epochs_and_the_run_can_be_resumed(tmp_path, capsys):
+def test_time_budget_stops_between_epochs_and_the_run_can_be_resumed(tmp_path, capsys,
+                                                                   monkeypatch):
+    judged = []  # the collapse test's arguments, epoch by epoch
+
+    def recording_collapse_warning(*args, **kwargs):
+        judged.append((args[0], kwargs["previous_loss"]))
+        return collapse_warning(*args, **kwargs)
+
+    monkeypatch.setattr(train, "collapse_warning", recording_collapse_warning)
     result = run(tmp_path, "--max_train_minutes", "1e-6", "--knn_before", "false",
                  "--attention_images", "0", "--knn_freq", "1")
     assert result["epochs_trained"] == 1  # the first epoch always runs
@@ -418,6 +441,11 @@ def test_time_budget_stops_between_epochs_and_the_run_can_be_resumed(tmp_path, c
     assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
     resumed = run(tmp_path, "--resume", "--knn_before", "false", "--attention_images", "0")
     assert (resumed["start_epoch"], resumed["epochs_trained"]) == (1, 2)
+    # the collapse test compares each epoch's DINO loss with the epoch before's, across the
+    # resume too (read back from the log)
+    epochs = [r for r in read_log(tmp_path) if r["type"] == "epoch"]
+    assert judged == [(epochs[0]["dino_loss"], None),
+                      (epochs[1]["dino_loss"], epochs[0]["dino_loss"])]
 
 
 @pytest.mark.parametrize("flags", [[], ["--recipe", "dinov2", "--augmentation", "batched"]],
