@@ -327,12 +327,12 @@ class DINOLoss(AsyncCenterLoss):
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
-        check_logits(teacher_output, "teacher_output", self.out_dim, 2, self.center.device,
-                     "the loss's center buffer")
         self.reduce_center_update(teacher_output)
 
     @torch.no_grad()
     def reduce_center_update(self, teacher_output: torch.Tensor) -> None:
+        check_logits(teacher_output, "teacher_output", self.out_dim, 2, self.center.device,
+                     "the loss's center buffer")
         self._start_center_update(torch.sum(teacher_output, dim=0, keepdim=True,
                                             dtype=torch.float32), len(teacher_output))
 
@@ -487,12 +487,12 @@ class iBOTPatchLoss(AsyncCenterLoss):  # noqa: N801  (the official name)
 
     @torch.no_grad()
     def update_center(self, teacher_patch_tokens: torch.Tensor) -> None:
-        check_logits(teacher_patch_tokens, "teacher_patch_tokens", self.out_dim, 3,
-                     self.center.device, "the loss's center buffer", "patch_out_dim")
         self.reduce_center_update(teacher_patch_tokens)
 
     @torch.no_grad()
     def reduce_center_update(self, teacher_patch_tokens: torch.Tensor) -> None:
+        check_logits(teacher_patch_tokens, "teacher_patch_tokens", self.out_dim, 3,
+                     self.center.device, "the loss's center buffer", "patch_out_dim")
         batch_sum = torch.mean(teacher_patch_tokens, dim=1, dtype=torch.float32).sum(
             dim=0, keepdim=True)
         self._start_center_update(batch_sum, len(teacher_patch_tokens))

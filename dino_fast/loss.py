@@ -208,12 +208,36 @@ class DINOLoss(nn.Module):
                                    self.student_temp, float(self.teacher_temp_schedule[epoch]),
                                    backend)
         self.last_backend = backend
-        self.update_center(row_sum, teacher_output.shape[0])
+        self._update_center_from_sum(row_sum, teacher_output.shape[0])
         return loss
 
     @torch.no_grad()
-    def update_center(self, teacher_row_sum: torch.Tensor, n_rows: int) -> None:
-        """EMA of the teacher's batch mean: c <- m*c + (1-m) * sum_rows(T) / (rows * world)."""
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """Update the center used for the teacher output, as the official method:
+        c <- m*c + (1-m) * mean over the rows of teacher_output (and over the process group).
+
+        teacher_output: (rows, out_dim) logits, floating, on the center's device. `forward` does
+        this itself (from the row sum its kernel computed); the method is for users who update
+        the center from other outputs.
+        """
+        check_floating_tensor(teacher_output, "teacher_output")
+        if teacher_output.dim() != 2 or teacher_output.shape[0] == 0:
+            raise ValueError(f"teacher_output must be 2-D (rows, out_dim) with at least one row, "
+                             f"got shape {tuple(teacher_output.shape)}")
+        if teacher_output.shape[1] != self.out_dim:
+            raise ValueError(f"out_dim mismatch: the loss was built with out_dim={self.out_dim}, "
+                             f"teacher_output has {teacher_output.shape[1]} columns")
+        if teacher_output.device != self.center.device:
+            raise ValueError(f"teacher_output is on {teacher_output.device} and the center on "
+                             f"{self.center.device}: move the loss module (.to(device)) or the "
+                             f"tensor so that both are on one device")
+        self.synchronize_center()
+        self._update_center_from_sum(teacher_output.float().sum(0), teacher_output.shape[0])
+
+    @torch.no_grad()
+    def _update_center_from_sum(self, teacher_row_sum: torch.Tensor, n_rows: int) -> None:
+        """The center update from the teacher's row sum over this rank's n_rows rows (checked by
+        the caller): c <- m*c + (1-m) * sum_rows(T) / (rows * world)."""
         row_sum = teacher_row_sum.to(torch.float32).view(1, -1)
         world = 1
         if dist.is_available() and dist.is_initialized():

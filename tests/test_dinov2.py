@@ -486,6 +486,9 @@ def _dino_calls():
         (lambda f: f.softmax_center_teacher(t, 0.0), "teacher_temp", ValueError),
         (lambda f: f.update_center(logits(2, 2, K)), "teacher_output", ValueError),
         (lambda f: f.update_center(logits(4, 3)), "out_dim", ValueError),
+        (lambda f: f.reduce_center_update(logits(3, K + 1)), "out_dim", ValueError),
+        (lambda f: f.reduce_center_update(logits(2, 2, K)), "teacher_output", ValueError),
+        (lambda f: f.reduce_center_update(t.long()), "teacher_output", TypeError),
         (lambda f: f.sinkhorn_knopp_teacher(t, 0.07, n_iterations=0), "n_iterations",
          ValueError),
         (lambda f: f.sinkhorn_knopp_teacher(t, -1.0), "teacher_temp", ValueError),
@@ -503,9 +506,11 @@ def test_dino_bad_input_names_the_argument_and_changes_nothing(call, name, exc):
     loss_fn = DINOLoss(16)
     loss_fn.update_center(logits(4, 16))  # a pending update must survive the bad call
     before = loss_fn.center.clone()
+    pending = loss_fn.async_batch_center.clone()
     with pytest.raises(exc, match=name):
         call(loss_fn)
     assert torch.equal(loss_fn.center, before) and loss_fn.updated is False
+    assert torch.equal(loss_fn.async_batch_center, pending)
     assert loss_fn.last_backend is None
 
 
@@ -533,6 +538,8 @@ def _ibot_calls():
          ValueError),
         (lambda f: f(logits(2, 5, K), probs(2, 4, K), m), "teacher_patch_tokens", ValueError),
         (lambda f: f.update_center(logits(5, K)), "teacher_patch_tokens", ValueError),
+        (lambda f: f.reduce_center_update(logits(6, K)), "teacher_patch_tokens", ValueError),
+        (lambda f: f.reduce_center_update(logits(2, 5, K + 1)), "patch_out_dim", ValueError),
         (lambda f: f.softmax_center_teacher(logits(2, 5, K).long(), 0.05), "teacher_patch_tokens",
          TypeError),
         (lambda f: f.softmax_center_teacher(logits(2, 5, K + 1), 0.05), "patch_out_dim",
@@ -548,9 +555,11 @@ def test_ibot_bad_input_names_the_argument_and_changes_nothing(call, name, exc):
     loss_fn = iBOTPatchLoss(12)
     loss_fn.update_center(logits(2, 5, 12))
     before = loss_fn.center.clone()
+    pending = loss_fn.async_batch_center.clone()
     with pytest.raises(exc, match=name):
         call(loss_fn)
     assert torch.equal(loss_fn.center, before) and loss_fn.updated is False
+    assert torch.equal(loss_fn.async_batch_center, pending)
     assert loss_fn.last_backend is None
 
 

@@ -224,6 +224,7 @@ def test_gram_target_gets_a_gradient_only_if_it_asks_for_one():
      TypeError),
     (lambda f: f.softmax_center_teacher(logits(4, 15), 0.07), "out_dim", ValueError),
     (lambda f: f.sinkhorn_knopp_teacher(logits(4, 16), math.inf), "teacher_temp", ValueError),
+    (lambda f: f.reduce_center_update(logits(3, 17)), "out_dim", ValueError),
 ])
 def test_dino_bad_input_names_the_argument_and_changes_nothing(call, name, exc):
     loss_fn = DINOLoss(16)

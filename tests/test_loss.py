@@ -200,6 +200,44 @@ def test_center_after_n_steps_equals_independent_ema():
     assert loss_mod.center.dtype == torch.float32
 
 
+def test_update_center_is_the_official_method():
+    """update_center(teacher_output), as the official class: c <- m c + (1 - m) mean_rows(T),
+    the same update as the one forward makes."""
+    torch.manual_seed(2)
+    K, m = 13, 0.9
+    loss_mod, by_forward = _loss(K, 4, center_momentum=m), _loss(K, 4, center_momentum=m)
+    start = torch.randn(1, K)
+    loss_mod.center.copy_(start)
+    by_forward.center.copy_(start)
+    teacher = torch.randn(6, K)
+    loss_mod.update_center(teacher)
+    expected = start.double() * m + teacher.double().mean(0, keepdim=True) * (1 - m)
+    torch.testing.assert_close(loss_mod.center.double(), expected, rtol=1e-6, atol=1e-7)
+    by_forward(torch.randn(12, K), teacher, 0)
+    torch.testing.assert_close(loss_mod.center, by_forward.center, rtol=1e-6, atol=1e-7)
+    loss_mod.update_center(teacher.to(torch.bfloat16).requires_grad_())  # any float, no graph
+    assert loss_mod.center.dtype == torch.float32 and not loss_mod.center.requires_grad
+
+
+@pytest.mark.parametrize("make,name,exc", [
+    (lambda: torch.randn(6, 12), "out_dim", ValueError),
+    (lambda: torch.randn(6, 1), "out_dim", ValueError),  # would broadcast
+    (lambda: torch.randn(13), "teacher_output", ValueError),
+    (lambda: torch.randn(0, 13), "teacher_output", ValueError),
+    (lambda: torch.randn(2, 6, 13), "teacher_output", ValueError),
+    (lambda: torch.ones(6, 13, dtype=torch.int64), "teacher_output", TypeError),
+    (lambda: torch.randn(6, 13).numpy(), "teacher_output", TypeError),
+    (lambda: torch.randn(6, 13, device="meta"), "teacher_output", ValueError),
+])
+def test_update_center_checks_its_input_before_touching_the_center(make, name, exc):
+    loss_mod = _loss(13, 4)
+    loss_mod.center.copy_(torch.randn(1, 13))
+    before = loss_mod.center.clone()
+    with pytest.raises(exc, match=name):
+        loss_mod.update_center(make())
+    assert torch.equal(loss_mod.center, before)
+
+
 def test_loss_uses_the_center_from_before_its_update():
     student, teacher, center = make_logits(2, 4, 23)
     loss_mod = _loss(23, 4)
