@@ -3,6 +3,7 @@ the eager op (dino_fast/cross_entropy.py) and its Triton kernels (kernels/cross_
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,8 +67,10 @@ def check_cross_entropy_inputs(student, teacher, pair_weight, *, student_temp, t
     elif center is not None:
         raise ValueError("center is only used with teacher logits: pass teacher_temp too, or "
                          "center=None for teacher probabilities")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite real number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     check_floating_tensor(student, "student")
     check_floating_tensor(teacher, "teacher")
     if student.dim() != 2 or teacher.dim() != 2:

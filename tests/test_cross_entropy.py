@@ -5,10 +5,12 @@ row weights (zeros included), arbitrary pair tables (DINOv3's all pairs, iBOT's 
 dtypes and awkward shapes; gradients for grad_output != 1, a retained graph, no_grad; the
 teacher's column sum; bad input refused before any work. Tolerances: tests/reference.py."""
 import ctypes
+import fractions
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,7 +221,9 @@ def _bad_cases():
          "student_temp"),
         ("teacher_temp nan", (s, t, W), dict(student_temp=0.1, teacher_temp=float("nan")),
          ValueError, "teacher_temp"),
-        ("scale inf", (s, t, W), dict(base, scale=float("inf")), TypeError, "scale"),
+        ("scale inf", (s, t, W), dict(base, scale=float("inf")), ValueError, "scale"),
+        ("scale a string", (s, t, W), dict(base, scale="0.5"), TypeError, "scale"),
+        ("scale a tensor", (s, t, W), dict(base, scale=torch.tensor(0.5)), TypeError, "scale"),
         ("backend name", (s, t, W), dict(base, backend="cuda"), ValueError, "backend"),
     ]
 
@@ -229,6 +233,15 @@ def _bad_cases():
 def test_bad_input_is_refused_naming_the_argument(name, args, kwargs, exc, word):
     with pytest.raises(exc, match=word):
         soft_cross_entropy(*args, **kwargs)
+
+
+def test_scale_may_be_any_real_number_type():
+    s, t = torch.randn(8, 16), torch.randn(4, 16)
+    W = [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    kwargs = dict(student_temp=0.1, teacher_temp=0.04)
+    loss = soft_cross_entropy(s, t, W, scale=0.5, **kwargs)
+    for scale in (np.float32(0.5), np.float64(0.5), fractions.Fraction(1, 2)):
+        torch.testing.assert_close(soft_cross_entropy(s, t, W, scale=scale, **kwargs), loss)
 
 
 # ------------------------------------------------------------------ the C kernel of the CPU path
@@ -305,6 +318,7 @@ def runtimes():
         return {os.path.realpath(line.split()[-1]) for line in f if "libgomp" in line}
 before = runtimes()
 import ctypes
+import fractions
 from dino_fast import cpu_kernels
 mode = cpu_kernels.thread_mode()
 built = ctypes.CDLL(str(cpu_kernels._state["path"])).dino_fast_openmp()
