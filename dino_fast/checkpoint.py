@@ -211,7 +211,9 @@ def load_official_checkpoint(module: nn.Module, state_dict_or_path, key: Optiona
             checkpoints); by default the first of teacher, student, state_dict, model that
             exists, or the dict itself when it is already a state dict (the released backbone
             weights).
-        strict: as nn.Module.load_state_dict, for the keys of `module`.
+        strict: as nn.Module.load_state_dict, for the keys of `module`. A shape that differs
+            (with either value), or with strict a missing or unexpected key, raises
+            RuntimeError listing them before anything is loaded: the module is left untouched.
 
     Returns:
         load_state_dict's result (missing_keys, unexpected_keys).
@@ -266,10 +268,49 @@ def load_official_checkpoint(module: nn.Module, state_dict_or_path, key: Optiona
                          f"build it with build_vit(..., patch_embed={have!r}) "
                          f"(--patch_embed {have})")
     _resample_pos_embed(target, best)
+    _check_loadable(target, best, strict, source)
     try:
         return target.load_state_dict(best, strict=strict)
     except RuntimeError as exc:
         raise RuntimeError(f"loading {source} into {type(target).__name__}: {exc}") from exc
+
+
+def _check_loadable(target: nn.Module, state: Mapping, strict: bool, source: str) -> None:
+    """Raise RuntimeError, before anything is loaded, when nn.Module.load_state_dict(state,
+    strict) would fail: a shape differs (always an error), or (strict) a key is missing or
+    unexpected. torch's own check runs while it copies, so it would raise with the other
+    tensors already overwritten; this one leaves the module untouched."""
+    own = target.state_dict()
+    # load_state_dict fills a BatchNorm's missing num_batches_tracked of a dict without version
+    # metadata (ours: the key-mapped copy), so that key is not missing for it
+    optional = {f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+                for name, m in target.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    mismatched = []
+    for k, v in state.items():
+        if k not in own or isinstance(own[k], nn.parameter.UninitializedParameter):
+            continue
+        shape, theirs = tuple(own[k].shape), tuple(v.shape)
+        if shape != theirs and not (shape == () and theirs == (1,)):  # torch takes (1,) for ()
+            mismatched.append(f"{k}: the checkpoint has {theirs}, the module {shape}")
+    problems = [f"size mismatch for {_listed(mismatched)}"] if mismatched else []
+    if strict:
+        missing = [k for k in own if k not in state and k not in optional]
+        unexpected = [k for k in state if k not in own]
+        if missing:
+            problems.append(f"Missing key(s) in the checkpoint: {_listed(missing)}")
+        if unexpected:
+            problems.append(f"Unexpected key(s) in the checkpoint: {_listed(unexpected)}")
+    if problems:
+        raise RuntimeError(f"loading {source} into {type(target).__name__}: nothing was loaded: "
+                           + "; ".join(problems) + (" (strict=False loads the matching keys "
+                                                    "when only keys are missing or unexpected)"
+                                                    if strict and not mismatched else ""))
+
+
+def _listed(items: list, limit: int = 10) -> str:
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def _resample_pos_embed(target: nn.Module, state: dict) -> None:

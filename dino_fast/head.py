@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dino_fast.checks import check_int
+from dino_fast.checks import check_floating_tensor, check_int
 
 
 class WeightNormLinear(nn.Module):
@@ -66,7 +66,8 @@ class DINOHead(nn.Module):
         norm_last_layer: freeze the last layer's weight norm at 1 (more stable training).
         nlayers, hidden_dim, bottleneck_dim: the MLP's depth and widths (official: 3, 2048, 256).
 
-    forward: (N, in_dim) -> (N, out_dim), in the input's dtype.
+    forward: (N, in_dim) -> (N, out_dim), in the input's dtype; x must be a floating-point
+    tensor whose last dimension is in_dim (TypeError / ValueError otherwise).
 
     Example:
         >>> head = DINOHead(384, 65536)
@@ -83,6 +84,7 @@ class DINOHead(nn.Module):
         nlayers = check_int(nlayers, "nlayers", 1)
         hidden_dim = check_int(hidden_dim, "hidden_dim", 1)
         bottleneck_dim = check_int(bottleneck_dim, "bottleneck_dim", 1)
+        self.in_dim = in_dim
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
@@ -114,6 +116,10 @@ class DINOHead(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_floating_tensor(x, "x")
+        if x.dim() < 1 or x.shape[-1] != self.in_dim:
+            raise ValueError(f"x must be a (N, in_dim={self.in_dim}) tensor of features, got "
+                             f"shape {tuple(x.shape)}")
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, p=2)
         return self.last_layer(x)

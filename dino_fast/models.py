@@ -25,6 +25,8 @@ from timm.layers import PatchEmbed, to_2tuple
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from dino_fast.checks import check_floating_tensor, check_int
+
 # (embed_dim, depth, num_heads) of the official DINO ViTs; mlp_ratio 4, qkv_bias, LayerNorm eps 1e-6
 VIT_ARCHS = {
     "vit_tiny": (192, 12, 3),
@@ -264,11 +266,11 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
         patch_embed: "linear", the official ViT's patchify layer, or "conv", a small
             convolutional stem with the same token grid (`ConvStemPatchEmbed`; patch_size a
             power of two), for small images and short schedules.
-        overrides: other VisionTransformer arguments, e.g. depth=2, embed_dim=64, num_heads=2 for
-            a quick CPU model, mlp_ratio=2 (the blocks' MLP width over embed_dim; 4 in every
-            official ViT), or reg_tokens=4. num_classes, global_pool, class_token and
-            dynamic_img_size are fixed, and nothing is ever downloaded (no `pretrained`; use
-            `dino_fast.checkpoint.load_official_checkpoint`).
+        overrides: other VisionTransformer arguments, e.g. depth=2 (at least 1), embed_dim=64,
+            num_heads=2 for a quick CPU model, mlp_ratio=2 (the blocks' MLP width over
+            embed_dim; 4 in every official ViT), or reg_tokens=4. num_classes, global_pool,
+            class_token and dynamic_img_size are fixed, and nothing is ever downloaded (no
+            `pretrained`; use `dino_fast.checkpoint.load_official_checkpoint`).
 
     Returns:
         A `TokenVisionTransformer` (a timm VisionTransformer): forward(images (B, 3, H, W)) ->
@@ -295,6 +297,10 @@ def build_vit(arch: str = "vit_small", patch_size: int = 16, img_size: int = 224
     if fixed:
         raise ValueError(f"build_vit fixes {fixed} (the CLS token is the output feature and any "
                          f"crop size runs); got overrides {fixed}")
+    if "depth" in overrides:
+        # no block: the CLS token never sees a patch, so the feature would not depend on the image
+        # (the training script's --depth 0, "the architecture's depth", never reaches build_vit)
+        overrides["depth"] = check_int(overrides["depth"], "depth", 1)
     embed_dim, depth, num_heads = VIT_ARCHS[arch]
     kwargs = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                   num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
@@ -337,6 +343,15 @@ def _is_compiled(model: nn.Module) -> bool:
     return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
 
 
+def _in_channels(backbone: nn.Module) -> Optional[int]:
+    """The image channels the patch embedding of a `build_vit` backbone takes (its first
+    convolution's), or None for a backbone without one."""
+    proj = getattr(getattr(unwrap_model(backbone), "patch_embed", None), "proj", None)
+    if isinstance(proj, nn.Sequential) and len(proj):
+        proj = proj[0]  # the convolutional stem
+    return proj.in_channels if isinstance(proj, nn.Conv2d) else None
+
+
 def _unwrap_vit(vit: nn.Module) -> nn.Module:
     """The timm VisionTransformer inside a MultiCropWrapper or a torch.compile wrapper."""
     vit = unwrap_model(vit)
@@ -357,7 +372,7 @@ def last_selfattention(vit: nn.Module, images: torch.Tensor
 
     Args:
         vit: a ViT from `build_vit` (or a MultiCropWrapper around one, compiled or not).
-        images: (B, 3, H, W), H and W multiples of the patch size.
+        images: (B, 3, H, W) floating point, H and W multiples of the patch size.
 
     Returns:
         (attn, (h, w)): attn (B, num_heads, h*w) in the compute dtype, patches in row-major
@@ -377,9 +392,13 @@ def last_selfattention(vit: nn.Module, images: torch.Tensor
     mode and train/eval mode: wrap in torch.no_grad() and call vit.eval() for visualisation.
     """
     vit = _unwrap_vit(vit)
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a (B, C, H, W) tensor, got "
-                         f"{getattr(images, 'shape', type(images).__name__)}")
+    check_floating_tensor(images, "images")
+    channels = _in_channels(vit)
+    if images.dim() != 4 or (channels is not None and images.shape[1] != channels):
+        raise ValueError(f"images must be a (B, {channels or 'C'}, H, W) tensor, got shape "
+                         f"{tuple(images.shape)}")
+    if len(vit.blocks) == 0:
+        raise ValueError("the ViT has no transformer block, so it has no last-block attention")
     x = vit.patch_embed(images)
     grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(vit.patch_embed.grid_size)  # NHWC
     x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
@@ -465,17 +484,37 @@ class MultiCropWrapper(nn.Module):
         if ibot_head is not None:
             self.ibot_head = ibot_head
 
-    @staticmethod
-    def _check_crops(x) -> list:
+    def _check_crops(self, x) -> list:
+        """The crops as a list, each checked against the first: a (B, C, H, W) floating-point
+        tensor with the same B (the output rows are crop-major), the channels the backbone takes
+        and the same device, the backbone's. Shapes, dtypes and devices only: no host sync, and
+        it runs in eager Python outside the compiled backbone."""
         if isinstance(x, torch.Tensor):
             x = [x]
         if not isinstance(x, (list, tuple)) or len(x) == 0:
             raise TypeError(f"MultiCropWrapper expects a tensor or a non-empty list of crop "
                             f"batches, got {type(x).__name__}")
-        for v, crop in enumerate(x):
-            if not isinstance(crop, torch.Tensor) or crop.dim() != 4:
-                raise ValueError(f"crop {v} must be a (B, C, H, W) tensor, got "
-                                 f"{getattr(crop, 'shape', type(crop).__name__)}")
+        first = x[0]
+        check_floating_tensor(first, "crops[0]")
+        channels = _in_channels(self.backbone)
+        if first.dim() != 4 or first.shape[0] == 0 or \
+                (channels is not None and first.shape[1] != channels):
+            raise ValueError(f"crops[0] must be a (B, {channels or 'C'}, H, W) tensor with B >= 1"
+                             f", got shape {tuple(first.shape)}")
+        batch, channels, device = first.shape[0], first.shape[1], first.device
+        param = next(self.backbone.parameters(), None)
+        if param is not None and param.device != device:
+            raise ValueError(f"crops[0] is on {device} but the backbone's parameters are on "
+                             f"{param.device}")
+        for v in range(1, len(x)):
+            crop = x[v]
+            check_floating_tensor(crop, f"crops[{v}]")
+            if crop.dim() != 4 or crop.shape[0] != batch or crop.shape[1] != channels:
+                raise ValueError(f"crops[{v}] must be a ({batch}, {channels}, H, W) tensor as "
+                                 f"crops[0] (the same images, crop-major), got shape "
+                                 f"{tuple(crop.shape)}")
+            if crop.device != device:
+                raise ValueError(f"crops[{v}] is on {crop.device} but crops[0] on {device}")
         return list(x)
 
     @staticmethod
@@ -490,6 +529,33 @@ class MultiCropWrapper(nn.Module):
             start = end
         return runs
 
+    @staticmethod
+    def _check_global(crops: list, runs: list, n_global, want_patches: bool,
+                      masks: Optional[torch.Tensor], patch_select: Optional[torch.Tensor]) -> None:
+        """1 <= n_global <= len(crops), the global crops of one resolution when their patch
+        tokens are wanted, and masks / patch_select tensors on the crops' device (their shapes
+        are checked against the patch tokens)."""
+        n_global = check_int(n_global, "n_global", 1)
+        if n_global > len(crops):
+            raise ValueError(f"n_global must be in [1, {len(crops)}] (the global crops are the "
+                             f"first n_global of the {len(crops)} crops), got {n_global}")
+        if not want_patches:
+            return
+        end = runs[0][1]
+        if n_global > end:
+            raise ValueError(f"the n_global={n_global} global crops must have one resolution "
+                             f"(their patch tokens are taken together), got crops[0] "
+                             f"{tuple(crops[0].shape[-2:])} and crops[{end}] "
+                             f"{tuple(crops[end].shape[-2:])}")
+        device = crops[0].device
+        for name, t in (("masks", masks), ("patch_select", patch_select)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the crops on {device}")
+
     def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]],
                 masks: Optional[torch.Tensor] = None, patch_select: Optional[torch.Tensor] = None,
                 structured: bool = False, n_global: int = 2
@@ -498,6 +564,8 @@ class MultiCropWrapper(nn.Module):
         runs = self._runs(crops)
         want_patches = masks is not None or patch_select is not None
         structured = structured or want_patches
+        if structured:  # n_global says which rows are the global crops' features and patches
+            self._check_global(crops, runs, n_global, want_patches, masks, patch_select)
         features, patch_tokens = [], None
         n_images = n_global * crops[0].shape[0]  # the global crops' images
         for i, (start, end) in enumerate(runs):

@@ -71,3 +71,63 @@ def test_a_checkpoint_holding_python_objects_is_refused_with_a_clear_error(tmp_p
                tmp_path / "official.pth")
     with pytest.raises(ValueError, match="holds Python objects"):
         load_checkpoint(tmp_path / "official.pth")
+
+
+# ------------------------------------------------------------------------- official checkpoints
+
+def _tiny_vit(**kw):
+    from dino_fast.models import build_vit
+    return build_vit("vit_tiny", patch_size=8, img_size=16, depth=1, **kw)
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _unchanged(module, snapshot):
+    return all(torch.equal(v, snapshot[k]) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_official_load_with_a_size_mismatch_loads_nothing(strict):
+    from dino_fast.checkpoint import load_official_checkpoint
+    torch.manual_seed(0)
+    source = {k: v + 1 for k, v in _tiny_vit().state_dict().items()}
+    source["blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
+    target = _tiny_vit()
+    before = _snapshot(target)
+    with pytest.raises(RuntimeError, match=r"nothing was loaded: size mismatch for "
+                                           r"blocks\.0\.attn\.qkv\.weight: the checkpoint has "
+                                           r"\(3, 3\), the module \(576, 192\)"):
+        load_official_checkpoint(target, source, strict=strict)
+    assert _unchanged(target, before)
+
+
+def test_official_load_with_missing_or_unexpected_keys_loads_nothing_when_strict():
+    from dino_fast.checkpoint import load_official_checkpoint
+    torch.manual_seed(0)
+    source = {f"module.backbone.{k}": v + 1 for k, v in _tiny_vit().state_dict().items()}
+    del source["module.backbone.norm.bias"]
+    source["module.backbone.extra.weight"] = torch.zeros(2)
+    target = _tiny_vit()
+    before = _snapshot(target)
+    with pytest.raises(RuntimeError, match=r"nothing was loaded: Missing key\(s\) in the "
+                                           r"checkpoint: norm\.bias; Unexpected key\(s\) in the "
+                                           r"checkpoint: extra\.weight"):
+        load_official_checkpoint(target, source)  # the key mapping applies before the check
+    assert _unchanged(target, before)
+    # strict=False loads the matching keys, as nn.Module.load_state_dict
+    result = load_official_checkpoint(target, source, strict=False)
+    assert result.missing_keys == ["norm.bias"] and result.unexpected_keys == ["extra.weight"]
+    assert torch.equal(target.norm.weight, before["norm.weight"] + 1)
+    assert torch.equal(target.norm.bias, before["norm.bias"])
+
+
+def test_official_load_keeps_torchs_tolerance_of_a_missing_batchnorm_counter():
+    from dino_fast.checkpoint import load_official_checkpoint
+    from dino_fast.head import DINOHead
+    source = DINOHead(8, 4, use_bn=True, hidden_dim=8, bottleneck_dim=4)
+    state = {k: v for k, v in source.state_dict().items() if "num_batches_tracked" not in k}
+    target = DINOHead(8, 4, use_bn=True, hidden_dim=8, bottleneck_dim=4)
+    load_official_checkpoint(target, state)
+    assert torch.equal(target.last_layer.weight_v, source.last_layer.weight_v)

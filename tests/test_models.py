@@ -85,12 +85,20 @@ def test_vit_drop_path_rate_reaches_the_blocks_and_is_random_only_in_training():
     (dict(mlp_ratio=0), "mlp_ratio must be a positive number"),
     (dict(mlp_ratio=0.001), "embed_dim x mlp_ratio >= 1"),
     (dict(mlp_ratio=float("inf")), "mlp_ratio must be a positive number"),
+    (dict(depth=0), "depth must be >= 1"),  # no block: the CLS feature ignores the image
 ])
 def test_build_vit_rejects_bad_arguments(kwargs, match):
     args = dict(arch="vit_tiny", patch_size=4, img_size=16, depth=1)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         build_vit(**args)
+
+
+def test_the_training_scripts_depth_0_still_means_the_architectures_depth():
+    from dino_fast.builders import build_backbone
+    args = argparse.Namespace(arch="vit_tiny", patch_size=8, image_size=16, drop_path_rate=0.0,
+                              depth=0, embed_dim=0, num_heads=0, mlp_ratio=4.0)
+    assert len(build_backbone(args).blocks) == 12
 
 
 def test_mlp_ratio_sets_the_blocks_mlp_width_and_nothing_else():
@@ -343,6 +351,18 @@ def test_head_rejects_bad_sizes(kwargs):
         DINOHead(**kwargs)
 
 
+def test_head_checks_its_input_width_and_dtype():
+    head = DINOHead(32, 8, hidden_dim=16, bottleneck_dim=4)
+    with pytest.raises(ValueError, match=r"x must be a \(N, in_dim=32\) tensor of features, "
+                                         r"got shape \(3, 16\)"):
+        head(torch.randn(3, 16))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor.*int64"):
+        head(torch.ones(3, 32, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        head([[0.0] * 32])
+    assert head(torch.randn(3, 32)).shape == (3, 8)
+
+
 # ------------------------------------------------------------------------------------ wrapper
 
 class RecordingBackbone(nn.Module):
@@ -395,6 +415,69 @@ def test_wrapper_strips_a_classifier_as_the_official_wrapper():
 def test_wrapper_rejects_bad_crop_lists(crops):
     with pytest.raises((TypeError, ValueError)):
         MultiCropWrapper(RecordingBackbone(), nn.Identity())(crops)
+
+
+def _g(b=2, c=3, size=16, **kw):
+    return torch.randn(b, c, size, size, **kw)
+
+
+@pytest.mark.parametrize("crops,error,match", [
+    ([_g(), _g(), _g(b=3, size=8)], ValueError,
+     r"crops\[2\] must be a \(2, 3, H, W\) tensor as crops\[0\].*got shape \(3, 3, 8, 8\)"),
+    ([_g(), _g(c=1)], ValueError, r"crops\[1\] must be a \(2, 3, H, W\)"),
+    ([(_g() * 50).to(torch.uint8)], TypeError,
+     r"crops\[0\] must be a floating-point tensor.*uint8"),
+    ([_g(), _g().long()], TypeError, r"crops\[1\] must be a floating-point tensor"),
+    ([_g(), "images"], TypeError, r"crops\[1\] must be a torch.Tensor"),
+    ([_g(b=0)], ValueError, r"crops\[0\] must be a \(B, C, H, W\) tensor with B >= 1"),
+    ([_g(), _g(device="meta")], ValueError, r"crops\[1\] is on meta but crops\[0\] on cpu"),
+    ([_g(device="meta")], ValueError,
+     r"crops\[0\] is on meta but the backbone's parameters are on cpu"),
+])
+def test_wrapper_checks_every_crop_before_running_the_backbone(crops, error, match):
+    backbone = RecordingBackbone()
+    with pytest.raises(error, match=match):
+        MultiCropWrapper(backbone, nn.Identity())(crops)
+    assert backbone.calls == []  # nothing ran
+
+
+def test_wrapper_checks_the_channels_the_vit_takes():
+    wrapper = MultiCropWrapper(tiny_vit(depth=1), nn.Identity())
+    with pytest.raises(ValueError, match=r"crops\[0\] must be a \(B, 3, H, W\) tensor.*"
+                                         r"\(2, 4, 16, 16\)"):
+        wrapper([_g(c=4)])
+    conv = MultiCropWrapper(tiny_vit(depth=1, patch_embed="conv"), nn.Identity())
+    with pytest.raises(ValueError, match=r"crops\[0\] must be a \(B, 3, H, W\)"):
+        conv([_g(c=1)])
+    assert conv([_g(), _g()]).shape == (4, 32)
+
+
+def test_wrapper_checks_n_global_and_the_patch_selections_device():
+    backbone = tiny_vit(depth=1, mask_token=True)
+    wrapper = MultiCropWrapper(backbone, nn.Identity())
+    g, select = [_g(), _g()], torch.zeros(4, 16, dtype=torch.bool)
+    for n_global in (0, -1):
+        with pytest.raises(ValueError, match="n_global must be >= 1"):
+            wrapper(g, patch_select=select, n_global=n_global)
+    with pytest.raises(TypeError, match="n_global must be an integer"):
+        wrapper(g, structured=True, n_global=2.0)
+    with pytest.raises(ValueError, match=r"n_global must be in \[1, 2\].*got 3"):
+        wrapper(g, patch_select=select, n_global=3)
+    with pytest.raises(ValueError, match=r"n_global must be in \[1, 2\].*got 3"):
+        wrapper(g, structured=True, n_global=3)  # global_features only
+    with pytest.raises(ValueError, match=r"the n_global=2 global crops must have one resolution"
+                                         r".*crops\[1\] \(8, 8\)"):
+        wrapper([_g(), _g(size=8)], patch_select=select)
+    with pytest.raises(ValueError, match="patch_select is on meta but the crops on cpu"):
+        wrapper(g, patch_select=select.to("meta"))
+    with pytest.raises(ValueError, match="masks is on meta but the crops on cpu"):
+        wrapper(g, masks=select.to("meta"))
+    with pytest.raises(TypeError, match="patch_select must be a torch.Tensor, got list"):
+        wrapper(g, patch_select=[0, 1])
+    # n_global only matters for a structured output; the plain call ignores it, as before
+    assert wrapper(g, n_global=0).shape == (4, 32)
+    out = wrapper(g + [_g(size=8)], patch_select=select[:2], n_global=1)
+    assert out.global_features.shape == (2, 32) and out.patch_logits.shape == (0, 32)
 
 
 def test_vit_wrapper_and_head_give_one_row_per_crop_sample():
@@ -452,6 +535,20 @@ def test_last_selfattention_accepts_a_wrapper_and_rejects_other_modules():
                                last_selfattention(vit, images)[0])
     with pytest.raises(TypeError, match="VisionTransformer"):
         last_selfattention(nn.Linear(3, 3), images)
+
+
+def test_last_selfattention_checks_the_images_and_the_blocks():
+    vit = tiny_vit(depth=1).eval()
+    with pytest.raises(TypeError, match="images must be a floating-point tensor.*uint8"):
+        last_selfattention(vit, torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"images must be a \(B, 3, H, W\) tensor, got shape "
+                                         r"\(1, 1, 16, 16\)"):
+        last_selfattention(vit, torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"images must be a \(B, 3, H, W\)"):
+        last_selfattention(vit, torch.randn(3, 16, 16))
+    vit.blocks = nn.Sequential()  # a block-less ViT (build_vit refuses depth=0)
+    with pytest.raises(ValueError, match="no transformer block"):
+        last_selfattention(vit, torch.randn(1, 3, 16, 16))
 
 
 # ------------------------------------------------------------------------------------ checkpoints
