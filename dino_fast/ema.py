@@ -185,6 +185,9 @@ class TeacherEMA:
         self.total_steps = check_int(total_steps, "total_steps", 1)
         self.include_buffers = bool(include_buffers)
         self.backend = check_backend_name(backend)
+        for module, arg in ((student, "student"), (teacher, "teacher")):
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"{arg} must be an nn.Module, got {type(module).__name__}")
         self.student = unwrap_model(student)
         self.teacher = unwrap_model(teacher)
         if self.student is self.teacher:
@@ -196,7 +199,18 @@ class TeacherEMA:
         self.num_updates = 0
         self.last_backend: Optional[str] = None
         self.last_momentum: Optional[float] = None
-        self._pairs()  # fail now, not at the first update, when the two models do not match
+        self._check_models()  # fail now, not at the first update, when the models do not match
+
+    def _check_models(self) -> None:
+        """What every update checks (names, counts, floating dtypes, shapes, one device; with
+        backend="triton" also what the kernel takes), once, at construction; the update itself
+        repeats only its usual checks."""
+        names, teachers, students = self._pairs()
+        device = check_ema_inputs(teachers, students, names)
+        if self.backend == "triton" and resolve_backend("triton", device,
+                                                        "TeacherEMA") == "triton":
+            from dino_fast.kernels.ema import check_triton_inputs
+            check_triton_inputs(teachers, students, names)
 
     def momentum(self, step: int) -> float:
         """The teacher momentum of iteration `step`, 0 <= step < total_steps."""
@@ -243,8 +257,22 @@ class TeacherEMA:
         return {"num_updates": self.num_updates}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the iteration counter (the schedule itself comes from the constructor)."""
-        self.num_updates = check_int(state["num_updates"], "state['num_updates']", 0)
+        """Restore the iteration counter (the schedule itself comes from the constructor).
+
+        `state` is what `state_dict()` returned: {"num_updates": an integer in [0, total_steps]}
+        (total_steps: the schedule is finished). On a bad state nothing is changed.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict (from TeacherEMA.state_dict()), got "
+                            f"{type(state).__name__}")
+        if set(state) != {"num_updates"}:
+            raise ValueError(f"state must have exactly the key 'num_updates' (from "
+                             f"TeacherEMA.state_dict()), got keys {sorted(map(str, state))}")
+        num_updates = check_int(state["num_updates"], "state['num_updates']", 0)
+        if num_updates > self.total_steps:
+            raise ValueError(f"state['num_updates'] must be in [0, total_steps={self.total_steps}] "
+                             f"(the iterations of this schedule), got {num_updates}")
+        self.num_updates = num_updates
 
     def __repr__(self) -> str:
         return (f"TeacherEMA(base_momentum={self.base_momentum}, final_momentum="

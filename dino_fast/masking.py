@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from dino_fast.checks import check_int, check_unit_interval
+from dino_fast.checks import check_int, check_positive, check_unit_interval
 
 
 def check_mask_ratio(ratio_min_max, name: str = "mask_ratio_min_max") -> tuple[float, float]:
@@ -54,6 +54,15 @@ def _check_grid(grid) -> tuple[int, int]:
     return check_int(grid[0], "grid height", 1), check_int(grid[1], "grid width", 1)
 
 
+def _check_rng(rng) -> random.Random:
+    """Every draw goes through random.Random's uniform / randint / shuffle: a numpy Generator or
+    a seed would fail deep inside (or draw other masks), so refuse them here."""
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random, got {type(rng).__name__} (seed one with "
+                        "random.Random(seed))")
+    return rng
+
+
 class BlockMaskGenerator:
     """Random-rectangle masks on an (h, w) patch grid (DINOv2's MaskingGenerator).
 
@@ -76,12 +85,10 @@ class BlockMaskGenerator:
         self.num_patches = self.height * self.width
         self.min_num_patches = check_int(min_num_patches, "min_num_patches", 0)
         self.max_num_patches = (0.5 * self.num_patches if max_num_patches is None
-                                else float(max_num_patches))
-        if not self.max_num_patches > 0:
-            raise ValueError(f"max_num_patches must be > 0, got {max_num_patches}")
-        if not min_aspect > 0:
-            raise ValueError(f"min_aspect must be > 0, got {min_aspect}")
-        max_aspect = max_aspect or 1 / min_aspect
+                                else check_positive(max_num_patches, "max_num_patches"))
+        min_aspect = check_positive(min_aspect, "min_aspect")
+        max_aspect = (1 / min_aspect if max_aspect is None
+                      else check_positive(max_aspect, "max_aspect"))
         if max_aspect < min_aspect:
             raise ValueError(f"max_aspect must be >= min_aspect, got {max_aspect} < {min_aspect}")
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
@@ -105,6 +112,7 @@ class BlockMaskGenerator:
 
     def __call__(self, num_masking_patches: int, rng: random.Random) -> np.ndarray:
         num_masking_patches = check_int(num_masking_patches, "num_masking_patches", 0)
+        rng = _check_rng(rng)
         mask = np.zeros((self.height, self.width), dtype=bool)
         count = 0
         while count < num_masking_patches:
@@ -148,6 +156,12 @@ class MaskBatch(NamedTuple):
 def mask_weights(masks: torch.Tensor) -> torch.Tensor:
     """1 / (masked patches of its image) for each masked patch of (n, N) bool masks, in the order
     of masks[masks]."""
+    if not isinstance(masks, torch.Tensor):
+        raise TypeError(f"masks must be a bool (n, N) tensor, got {type(masks).__name__}")
+    if masks.dtype != torch.bool:  # an integer mask would index, not select
+        raise TypeError(f"masks must be a bool (n, N) tensor, got dtype {masks.dtype}")
+    if masks.dim() != 2:
+        raise ValueError(f"masks must be a bool (n, N) tensor, got shape {tuple(masks.shape)}")
     per_image = 1.0 / masks.sum(-1).clamp(min=1).float()
     return per_image.unsqueeze(-1).expand(masks.shape)[masks]
 
@@ -162,8 +176,9 @@ def sample_masks(n_images: int, grid, ratio_min_max=(0.1, 0.5), probability: flo
         grid: the patch grid (h, w) of a global crop (or an int for a square one).
         ratio_min_max: (min, max) fraction of a masked image's patches that are masked.
         probability: the fraction of the images that are masked (int(n_images * probability)).
-        rng: the random stream (default: a fresh unseeded one).
-        generator: the rectangle generator (default `BlockMaskGenerator(grid)`).
+        rng: the random stream, a `random.Random` (default: a fresh unseeded one).
+        generator: the rectangle generator, a `BlockMaskGenerator` for `grid` (default
+            `BlockMaskGenerator(grid)`).
 
     Returns:
         A MaskBatch (on the CPU).
@@ -172,8 +187,11 @@ def sample_masks(n_images: int, grid, ratio_min_max=(0.1, 0.5), probability: flo
     h, w = _check_grid(grid)
     lo, hi = check_mask_ratio(ratio_min_max)
     probability = check_unit_interval(probability, "mask_sample_probability")
-    rng = rng if rng is not None else random.Random()
-    generator = generator if generator is not None else BlockMaskGenerator((h, w))
+    rng = _check_rng(rng) if rng is not None else random.Random()
+    if generator is None:
+        generator = BlockMaskGenerator((h, w))
+    elif not isinstance(generator, BlockMaskGenerator):
+        raise TypeError(f"generator must be a BlockMaskGenerator, got {type(generator).__name__}")
     if (generator.height, generator.width) != (h, w):
         raise ValueError(f"generator is for a {generator.height}x{generator.width} grid, not the "
                          f"{h}x{w} grid given")

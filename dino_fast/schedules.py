@@ -5,7 +5,29 @@ a pure function of the global step: a resumed run sees exactly the values it wou
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
+
+from dino_fast.checks import check_int, check_positive
+
+
+def _check_finite(value, name: str) -> float:
+    """A finite real number (not a bool); returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _check_warmup(warmup, name: str, total, total_name: str) -> int:
+    """An integer in [0, total]."""
+    warmup = check_int(warmup, name, 0)
+    if warmup > total:
+        raise ValueError(f"{name} must be in [0, {total_name}={total}], got {warmup}")
+    return warmup
 
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
@@ -19,12 +41,16 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
     so the cosine starts exactly at `base_value` and approaches `final_value` at the last step.
     Used for the learning rate (warm-up then decay to min_lr), the weight decay (0.04 -> 0.4) and
     the teacher momentum (0.996 -> 1), as in the official DINO script.
+
+    epochs and niter_per_ep are integers >= 1, warmup_epochs an integer in [0, epochs], the values
+    finite real numbers; anything else is a TypeError / ValueError naming the argument.
     """
-    if epochs < 1 or niter_per_ep < 1:
-        raise ValueError(f"need epochs >= 1 and niter_per_ep >= 1, got epochs={epochs}, "
-                         f"niter_per_ep={niter_per_ep}")
-    if not 0 <= warmup_epochs <= epochs:
-        raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
+    base_value = _check_finite(base_value, "base_value")
+    final_value = _check_finite(final_value, "final_value")
+    start_warmup_value = _check_finite(start_warmup_value, "start_warmup_value")
+    epochs = check_int(epochs, "epochs", 1)
+    niter_per_ep = check_int(niter_per_ep, "niter_per_ep", 1)
+    warmup_epochs = _check_warmup(warmup_epochs, "warmup_epochs", epochs, "epochs")
     total = epochs * niter_per_ep
     warmup_iters = warmup_epochs * niter_per_ep
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
@@ -32,7 +58,9 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
     cosine = final_value + 0.5 * (base_value - final_value) * (
         1 + np.cos(np.pi * i / max(len(i), 1)))
     schedule = np.concatenate((warmup, cosine))
-    assert len(schedule) == total
+    if len(schedule) != total:  # the official assert; cannot fail once the inputs are checked
+        raise RuntimeError(f"cosine_scheduler built {len(schedule)} values instead of "
+                           f"epochs * niter_per_ep = {total}")
     return schedule
 
 
@@ -43,7 +71,18 @@ def scaled_lr(base_lr: float, total_batch_size: int) -> float:
 
 def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float,
                           warmup_teacher_temp_epochs: int, nepochs: int) -> np.ndarray:
-    """Per-epoch teacher temperature: linear warm-up, then constant (the official schedule)."""
+    """Per-epoch teacher temperature: linear warm-up, then constant (the official schedule).
+
+    Returns `nepochs` values: the first `warmup_teacher_temp_epochs` rise linearly from
+    `warmup_teacher_temp` to `teacher_temp` (both ends included), the rest equal `teacher_temp`.
+    The temperatures are positive finite numbers, nepochs an integer >= 1 and
+    warmup_teacher_temp_epochs an integer in [0, nepochs].
+    """
+    warmup_teacher_temp = check_positive(warmup_teacher_temp, "warmup_teacher_temp")
+    teacher_temp = check_positive(teacher_temp, "teacher_temp")
+    nepochs = check_int(nepochs, "nepochs", 1)
+    warmup_teacher_temp_epochs = _check_warmup(warmup_teacher_temp_epochs,
+                                               "warmup_teacher_temp_epochs", nepochs, "nepochs")
     return np.concatenate((
         np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
         np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,

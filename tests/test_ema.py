@@ -489,3 +489,69 @@ def test_teacher_ema_updates_the_teacher_from_a_wrapped_student(process_group, w
     assert_close_to_oracle(list(teacher.parameters()), before, list(student.parameters()), m,
                            wrap)
     assert not torch.equal(before[0], teacher[0].weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# TeacherEMA: everything an update would reject is refused at construction
+
+def test_teacher_ema_rejects_shapes_that_do_not_match_at_construction():
+    with pytest.raises(ValueError, match=r"teacher_params\[0\] \(weight\) has shape \(5, 3\) but "
+                                         r"student_params\[0\] \(weight\) has shape \(4, 3\)"):
+        TeacherEMA(nn.Linear(3, 4), nn.Linear(3, 5), total_steps=5)
+
+
+def test_teacher_ema_rejects_mixed_devices_and_integer_tensors_at_construction():
+    with pytest.raises(ValueError, match=r"student_params\[0\] \(weight\) is on meta but "
+                                         r"teacher_params\[0\] is on cpu"):
+        TeacherEMA(nn.Linear(3, 4).to("meta"), nn.Linear(3, 4), total_steps=5)
+    student, teacher = nn.Linear(3, 4), nn.Linear(3, 4)
+    student.bias = nn.Parameter(torch.zeros(4, dtype=torch.long), requires_grad=False)
+    teacher.bias = nn.Parameter(torch.zeros(4, dtype=torch.long), requires_grad=False)
+    with pytest.raises(TypeError, match=r"teacher_params\[1\] \(bias\) must be a floating-point"):
+        TeacherEMA(student, teacher, total_steps=5)
+    # a bf16 teacher of an fp32 student is fine (ema_update_ takes it)
+    TeacherEMA(nn.Linear(3, 4), nn.Linear(3, 4).bfloat16(), total_steps=5).step()
+
+
+@needs_interpreter
+def test_teacher_ema_with_triton_rejects_fp64_at_construction():
+    with pytest.raises(TypeError, match=r"teacher_params\[0\] \(weight\) has dtype torch.float64"):
+        TeacherEMA(nn.Linear(3, 4).double(), nn.Linear(3, 4).double(), total_steps=5,
+                   backend="triton")
+    TeacherEMA(nn.Linear(3, 4).double(), nn.Linear(3, 4).double(), total_steps=5)  # auto: eager
+
+
+@pytest.mark.parametrize("student,teacher,arg", [("net", nn.Linear(2, 2), "student"),
+                                                 (nn.Linear(2, 2), None, "teacher"),
+                                                 ([torch.zeros(2)], nn.Linear(2, 2), "student")])
+def test_teacher_ema_rejects_what_is_not_a_module(student, teacher, arg):
+    with pytest.raises(TypeError, match=f"{arg} must be an nn.Module, got "):
+        TeacherEMA(student, teacher, total_steps=5)
+
+
+@pytest.mark.parametrize("state,exc,match", [
+    ({"num_updates": 99}, ValueError, r"state\['num_updates'\] must be in \[0, total_steps=5\]"),
+    ({}, ValueError, r"state must have exactly the key 'num_updates'.*got keys \[\]"),
+    ({"num_updates": 2, "step": 3}, ValueError, r"got keys \['num_updates', 'step'\]"),
+    ({"center": 1}, ValueError, "state must have exactly the key 'num_updates'"),
+    ([("num_updates", 2)], TypeError, "state must be a dict"),
+])
+def test_load_state_dict_rejects_a_bad_state_and_keeps_the_counter(state, exc, match):
+    ema = TeacherEMA(nn.Linear(2, 2), nn.Linear(2, 2), total_steps=5, backend="eager")
+    ema.step()
+    with pytest.raises(exc, match=match):
+        ema.load_state_dict(state)
+    assert ema.num_updates == 1
+    assert ema.step() == ema.momentum(1)
+
+
+def test_load_state_dict_accepts_up_to_a_finished_schedule_and_no_further():
+    ema = TeacherEMA(nn.Linear(2, 2), nn.Linear(2, 2), total_steps=5, backend="eager")
+    with pytest.raises(ValueError, match=r"state\['num_updates'\] must be in \[0, "
+                                         r"total_steps=5\].*got 6"):
+        ema.load_state_dict({"num_updates": 6})
+    assert ema.num_updates == 0
+    ema.load_state_dict({"num_updates": np.int64(5)})
+    assert ema.num_updates == 5 and isinstance(ema.num_updates, int)
+    with pytest.raises(ValueError, match=r"step must be in \[0, 5\)"):
+        ema.step()  # the schedule is over: what an uninterrupted run would see too
