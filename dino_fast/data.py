@@ -384,3 +384,51 @@ def subset(dataset: Dataset, n: int, seed: int) -> Dataset:
         return dataset
     g = torch.Generator().manual_seed(seed)
     return Subset(dataset, torch.randperm(len(dataset), generator=g)[:n].tolist())
+
+
+class InMemoryDataset(Dataset):
+    """Items (image tensor, int label) kept in two tensors: what `cache_in_memory` returns."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int):
+        return self.images[index], int(self.labels[index])
+
+
+def cache_in_memory(dataset: Dataset, max_bytes: int = 2 << 30) -> Dataset:
+    """`dataset` with every item computed once and kept, for a training process that loads its
+    own data (no loader workers: on a CPU they only take time from the training threads).
+
+    The items must come from a deterministic transform (the batched augmentation's uint8
+    images, the evaluation transform; the procedural images are drawn from their index), each
+    (a tensor of one shape and dtype, an int label): then an epoch or a k-NN evaluation reads
+    memory instead of decoding (or drawing) every image again. Returns `dataset` itself, having
+    read only its first item, when the images would take more than `max_bytes`, when an item is
+    not a tensor, or (after reading up to it) when one differs in shape or dtype from the first.
+
+    Example:
+        >>> from dino_fast.batch_augmentation import to_uint8_tensor
+        >>> cached = cache_in_memory(ProceduralShapes("test", 100, transform=to_uint8_tensor))
+        >>> type(cached).__name__, tuple(cached[0][0].shape), cached[0][1]
+        ('InMemoryDataset', (3, 32, 32), 0)
+    """
+    n = len(dataset)
+    if n == 0:
+        return dataset
+    first, first_label = dataset[0]
+    if not isinstance(first, torch.Tensor) or n * first.nbytes > max_bytes:
+        return dataset
+    images = torch.empty((n, *first.shape), dtype=first.dtype)
+    labels = torch.empty(n, dtype=torch.int64)
+    for i in range(n):
+        image, label = dataset[i] if i else (first, first_label)
+        if not isinstance(image, torch.Tensor) or image.shape != first.shape or \
+                image.dtype != first.dtype:
+            return dataset
+        images[i] = image
+        labels[i] = int(label)
+    return InMemoryDataset(images, labels)

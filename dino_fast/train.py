@@ -18,6 +18,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import os
 import random
 import sys
 import time
@@ -46,7 +47,14 @@ from dino_fast.checkpoint import (
     restore_training_state,
     training_state,
 )
-from dino_fast.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, subset
+from dino_fast.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InMemoryDataset,
+    build_dataset,
+    cache_in_memory,
+    subset,
+)
 from dino_fast.distributed import DistEnv
 from dino_fast.ema import TeacherEMA
 from dino_fast.knn import knn_accuracy
@@ -148,6 +156,15 @@ def run(argv=None) -> dict:
         distributed.destroy()
 
 
+def default_num_workers(device: torch.device) -> int:
+    """--num_workers when not given: 0 on a CPU (the training threads take every core, so a
+    loading process only takes time from them), else min(10, the CPUs per local process)."""
+    if device.type == "cpu":
+        return 0
+    per_process = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(10, per_process))
+
+
 def train_dino(args: argparse.Namespace) -> dict:
     """Train with already validated arguments (see `run`, which returns the same dict)."""
     env = distributed.init_distributed(args.device)
@@ -165,6 +182,8 @@ def train_dino(args: argparse.Namespace) -> dict:
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the patch embedding is a convolution
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(device)
     backend = resolve_backend(args.backend, device, "train")
     kernel = f" (CPU kernels {cpu_kernels.status()})" if backend == "eager" and \
         device.type == "cpu" and precision == "fp32" else ""
@@ -183,6 +202,11 @@ def train_dino(args: argparse.Namespace) -> dict:
         transform, collate = DataAugmentationDINO(*crop_args, **crop_kwargs), collate_crops
     dataset = subset(build_dataset(args.data_path, "train", transform, image_size=args.image_size),
                      args.train_samples, args.seed)
+    # without loader workers this process decodes (or draws) every image of every epoch and
+    # evaluation: where the transform is deterministic, do it once and keep the tensors
+    in_process = args.num_workers == 0
+    if in_process and batch_augmentation is not None:
+        dataset = cache_in_memory(dataset)
     sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
                                  shuffle=True, seed=args.seed)  # order = f(seed, epoch)
     data_loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
@@ -193,8 +217,13 @@ def train_dino(args: argparse.Namespace) -> dict:
                          f"{args.batch_size_per_gpu} x {env.world_size} processes: lower "
                          f"--batch_size_per_gpu")
     knn_train, knn_test = build_knn_datasets(args)
+    if in_process:
+        knn_train, knn_test = cache_in_memory(knn_train), cache_in_memory(knn_test)
+    kept = [d.images.nbytes for d in (dataset, knn_train, knn_test)
+            if isinstance(d, InMemoryDataset)]
     say(f"data: {args.data_path}, {len(dataset)} training images, {len(data_loader)} steps per "
-        f"epoch; k-NN on {len(knn_train)} bank / {len(knn_test)} test images")
+        f"epoch; k-NN on {len(knn_train)} bank / {len(knn_test)} test images"
+        + (f" ({sum(kept) / 2**20:.0f} MB of decoded images kept in memory)" if kept else ""))
 
     # ============ building student and teacher networks ... ============
     student_backbone, teacher_backbone = build_backbone(args), build_backbone(args, teacher=True)

@@ -7,9 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
-from dino_fast.data import SHAPES, ProceduralShapes, build_dataset
+from dino_fast.augmentation import eval_transform
+from dino_fast.batch_augmentation import to_uint8_tensor
+from dino_fast.data import (
+    SHAPES,
+    InMemoryDataset,
+    ProceduralShapes,
+    build_dataset,
+    cache_in_memory,
+)
 
 # a CIFAR-10 folder in ImageFolder layout (train/ with 2,000 images per class, the full test/)
 CIFAR10_FOLDER = os.environ.get("DINO_FAST_CIFAR10_FOLDER", "")
@@ -192,3 +202,42 @@ def test_a_cifar10_image_folder_reads_as_cifar10():
     assert np.bincount(train.targets).tolist() == [2000] * 10
     image, label = test[0]
     assert image.mode == "RGB" and image.size == (32, 32) and label == 0
+
+
+# ------------------------------------------------------------------------------ in memory
+
+@pytest.mark.parametrize("transform", [to_uint8_tensor, eval_transform(32)],
+                         ids=["uint8", "evaluation"])
+def test_cache_in_memory_holds_the_same_items(transform):
+    ds = ProceduralShapes("test", num_samples=23, transform=transform)
+    cached = cache_in_memory(ds)
+    assert isinstance(cached, InMemoryDataset) and len(cached) == 23
+    for i in (0, 1, 22):
+        (a, la), (b, lb) = ds[i], cached[i]
+        assert torch.equal(a, b) and a.dtype == b.dtype and la == lb and type(lb) is int
+
+
+class _Items(Dataset):
+    def __init__(self, items):
+        self.items, self.reads = items, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.items[i]
+
+
+def test_cache_in_memory_keeps_the_dataset_when_it_cannot_hold_it():
+    image = torch.zeros(3, 4, 4, dtype=torch.uint8)  # 48 bytes
+    big = _Items([(image, 0)] * 10)
+    assert cache_in_memory(big, max_bytes=479) is big and big.reads == 1  # only the first read
+    assert isinstance(cache_in_memory(big, max_bytes=480), InMemoryDataset)
+    for odd in (torch.zeros(3, 4, 5, dtype=torch.uint8), image.float(), "a path"):
+        items = _Items([(image, 0), (image, 1), (odd, 2), (image, 3)])
+        assert cache_in_memory(items) is items and items.reads == 3  # stopped at the odd one
+    pil = _Items([(Image.new("RGB", (4, 4)), 0)] * 3)
+    assert cache_in_memory(pil) is pil and pil.reads == 1
+    empty = _Items([])
+    assert cache_in_memory(empty) is empty

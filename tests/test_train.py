@@ -114,7 +114,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, augmentat
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = ["--num_workers", "1", "--knn_before", "false", "--attention_images", "0",
               "--augmentation", augmentation]
-    run(full, *common)
+    uninterrupted = run(full, *common)
     # an interrupted run: what the first run held after its first epoch
     resumed.mkdir()
     shutil.copy(full / "checkpoint0001.pth", resumed / "checkpoint.pth")
@@ -128,6 +128,14 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, augmentat
     # and resuming changed something: the first epoch's state differs from the final one
     first = state_tensors(load_checkpoint(full / "checkpoint0001.pth"))
     assert not torch.equal(first["teacher.backbone.cls_token"], a["teacher.backbone.cls_token"])
+    if augmentation == "batched":
+        # without loader workers the images are decoded once and kept in memory (the training
+        # set: the batched augmentation's uint8 images; the k-NN sets): the same run, bit for bit
+        in_memory = tmp_path / "in_memory"
+        kept = run(in_memory, *common, "--num_workers", "0")
+        c = state_tensors(load_checkpoint(in_memory / "checkpoint.pth"))
+        assert [k for k in a if not torch.equal(a[k], c[k])] == []
+        assert kept["knn_after"] == uninterrupted["knn_after"]
 
 
 def test_resume_with_the_other_augmentation_warns(tiny_run, tmp_path):
@@ -185,6 +193,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     (["--lr", "0"], "--lr must be a positive finite number"),
     (["--mlp_ratio", "0"], "--mlp_ratio must be a positive number with --embed_dim x --mlp_ratio"),
     (["--resume"], "no checkpoint at"),
+    (["--num_workers", "-1"], "--num_workers must be >= 0"),
     (["--epochs", "auto"], "--epochs auto sizes the run to --max_train_minutes"),
     (["--epochs", "three"], "--epochs: expected a whole number or 'auto', got 'three'"),
     (["--patch_embed", "conv", "--patch_size", "6", "--image_size", "18", "--local_crop_size",
@@ -354,6 +363,23 @@ def test_ranks_stop_together_when_one_ranks_clock_runs_out(tmp_path):
                 p.kill()
             pytest.fail("the two ranks did not finish within 240 s (a rank stopped alone?)")
     assert [torch.load(f"{out}.{rank}") for rank in range(2)] == [1, 1]
+
+
+def test_num_workers_defaults_to_the_training_process_on_a_cpu(tmp_path, monkeypatch):
+    assert train.default_num_workers(torch.device("cpu")) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train.default_num_workers(torch.device("cuda", 0)) == 10  # the official default
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert train.default_num_workers(torch.device("cuda", 3)) == 8  # 64 CPUs / 8 processes
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert train.default_num_workers(torch.device("cuda", 3)) == 1
+    # a run without the flag records the number it used, so a checkpoint says how it ran
+    i = TINY.index("--num_workers")
+    flags = TINY[:i] + TINY[i + 2:]
+    train.run(flags + ["--output_dir", str(tmp_path), "--epochs", "1", "--warmup_epochs", "0",
+                       "--knn_before", "false", "--attention_images", "0"])
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["args"]["num_workers"] == 0
 
 
 def test_progress_bar_draws_in_place_and_stays_silent_when_disabled():
