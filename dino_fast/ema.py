@@ -34,12 +34,13 @@ from dino_fast.schedules import cosine_scheduler
 # validation (shared by both backends, runs before any write)
 
 def check_ema_inputs(teachers: Sequence, students: Sequence,
-                     names: Optional[Sequence[str]] = None) -> torch.device:
+                     names: Optional[Sequence[str]] = None, *,
+                     one_device: bool = True) -> Optional[torch.device]:
     """Check the tensor lists of an EMA update; return their (single) device.
 
     Same number of tensors; every entry a floating-point tensor; teacher_params[i] and
-    student_params[i] of the same shape; every tensor on one device. `names` (parameter names)
-    only enrich the messages.
+    student_params[i] of the same shape; every tensor on one device (unless one_device is
+    False: then None is returned). `names` (parameter names) only enrich the messages.
     """
     if len(teachers) != len(students):
         raise ValueError(f"teacher_params has {len(teachers)} tensors but student_params has "
@@ -60,6 +61,8 @@ def check_ema_inputs(teachers: Sequence, students: Sequence,
         if t.shape != s.shape:
             raise ValueError(f"teacher_params{label} has shape {tuple(t.shape)} but "
                              f"student_params{label} has shape {tuple(s.shape)}")
+        if not one_device:
+            continue
         if device is None:
             device = t.device
         for tensor, arg in ((t, "teacher_params"), (s, "student_params")):
@@ -202,15 +205,11 @@ class TeacherEMA:
         self._check_models()  # fail now, not at the first update, when the models do not match
 
     def _check_models(self) -> None:
-        """What every update checks (names, counts, floating dtypes, shapes, one device; with
-        backend="triton" also what the kernel takes), once, at construction; the update itself
-        repeats only its usual checks."""
+        """What the models themselves decide (names, counts, floating dtypes, shapes), once, at
+        construction. Devices and what the Triton kernel takes are checked at each update: the
+        models may still move (`.to()`, `.cuda()`) after the EMA is built."""
         names, teachers, students = self._pairs()
-        device = check_ema_inputs(teachers, students, names)
-        if self.backend == "triton" and resolve_backend("triton", device,
-                                                        "TeacherEMA") == "triton":
-            from dino_fast.kernels.ema import check_triton_inputs
-            check_triton_inputs(teachers, students, names)
+        check_ema_inputs(teachers, students, names, one_device=False)
 
     def momentum(self, step: int) -> float:
         """The teacher momentum of iteration `step`, 0 <= step < total_steps."""

@@ -54,12 +54,14 @@ def _check_grid(grid) -> tuple[int, int]:
     return check_int(grid[0], "grid height", 1), check_int(grid[1], "grid width", 1)
 
 
-def _check_rng(rng) -> random.Random:
-    """Every draw goes through random.Random's uniform / randint / shuffle: a numpy Generator or
-    a seed would fail deep inside (or draw other masks), so refuse them here."""
-    if not isinstance(rng, random.Random):
-        raise TypeError(f"rng must be a random.Random, got {type(rng).__name__} (seed one with "
-                        "random.Random(seed))")
+def _check_rng(rng):
+    """Every draw goes through random.Random's uniform / randint / shuffle: a random.Random or the
+    `random` module itself (its global stream, as DINOv2's collate draws). A numpy Generator or
+    a seed would fail deep inside, and numpy's RandomState.randint excludes its upper end (other
+    masks), so they are refused here."""
+    if not (isinstance(rng, random.Random) or rng is random):
+        raise TypeError(f"rng must be a random.Random (or the random module), got "
+                        f"{type(rng).__name__} (seed one with random.Random(seed))")
     return rng
 
 

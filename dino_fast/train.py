@@ -161,7 +161,8 @@ def default_num_workers(device: torch.device) -> int:
     loading process only takes time from them), else min(10, the CPUs per local process)."""
     if device.type == "cpu":
         return 0
-    per_process = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_process = (cpus or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return max(1, min(10, per_process))
 
 
@@ -182,8 +183,10 @@ def train_dino(args: argparse.Namespace) -> dict:
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the patch embedding is a convolution
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(device)
+    ckpt = load_checkpoint(resume_path(args)) if args.resume is not None else None
+    if args.num_workers is None:  # a resume keeps the run's (the PIL crops' random streams
+        saved = (ckpt or {}).get("args", {}).get("num_workers")  # depend on it)
+        args.num_workers = int(saved) if saved is not None else default_num_workers(device)
     backend = resolve_backend(args.backend, device, "train")
     kernel = f" (CPU kernels {cpu_kernels.status()})" if backend == "eager" and \
         device.type == "cpu" and precision == "fp32" else ""
@@ -262,7 +265,6 @@ def train_dino(args: argparse.Namespace) -> dict:
     optimizer = build_optimizer(args.optimizer, get_params_groups(student))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     log = JsonlLog(output_dir / "log.jsonl", enabled=main_process)
-    ckpt = load_checkpoint(resume_path(args)) if args.resume is not None else None
     auto_epochs = args.epochs == "auto"
     if auto_epochs and ckpt is not None:  # the resumed run keeps the length it was given
         args.epochs, auto_epochs = int(ckpt["args"]["epochs"]), False
@@ -313,7 +315,9 @@ def train_dino(args: argparse.Namespace) -> dict:
     start_time = time.perf_counter()
     epoch_times, epochs_done, latest_knn = [], start_epoch, (None, None)
     # the epoch before's DINO loss, for the collapse test (from the log after a resume)
-    previous_loss = next((r["dino_loss"] for r in reversed(log.read()) if r.get("type") == "epoch"
+    # (rank 0 warns and owns the log: the other ranks do not read it while it is rewritten)
+    records = log.read() if main_process else []
+    previous_loss = next((r["dino_loss"] for r in reversed(records) if r.get("type") == "epoch"
                           and r.get("epoch") == start_epoch - 1 and "dino_loss" in r), None)
     for epoch in range(start_epoch, args.epochs):
         if epoch_times and args.max_train_minutes and distributed.any_rank(

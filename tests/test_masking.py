@@ -26,7 +26,8 @@ def test_mask_weights_rejects_what_is_not_a_bool_matrix(masks, exc, match):
 
 @pytest.mark.parametrize("rng", [np.random.default_rng(0), 0, np.random.RandomState(0)])
 def test_sample_masks_takes_only_a_random_random(rng):
-    with pytest.raises(TypeError, match=r"rng must be a random.Random, got "):
+    with pytest.raises(TypeError, match=r"rng must be a random.Random \(or the random module\), "
+                                        r"got "):
         sample_masks(8, 4, (0.1, 0.5), 0.5, rng=rng)
 
     class MyRandom(random.Random):  # a subclass is a random.Random, the default a fresh one
@@ -34,6 +35,9 @@ def test_sample_masks_takes_only_a_random_random(rng):
     a = sample_masks(8, 4, (0.1, 0.5), 0.5, rng=MyRandom(3))
     assert torch.equal(a.masks, sample_masks(8, 4, (0.1, 0.5), 0.5, rng=random.Random(3)).masks)
     assert sample_masks(8, 4).masks.shape == (8, 16)
+    random.seed(5)  # the random module itself: its global stream, as DINOv2's collate draws
+    b = sample_masks(8, 4, (0.1, 0.5), 0.5, rng=random)
+    assert torch.equal(b.masks, sample_masks(8, 4, (0.1, 0.5), 0.5, rng=random.Random(5)).masks)
 
 
 def test_sample_masks_rejects_a_generator_that_is_not_a_block_mask_generator():

@@ -368,18 +368,28 @@ def test_ranks_stop_together_when_one_ranks_clock_runs_out(tmp_path):
 def test_num_workers_defaults_to_the_training_process_on_a_cpu(tmp_path, monkeypatch):
     assert train.default_num_workers(torch.device("cpu")) == 0
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    # the CPUs this process may use (affinity), where the platform says
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert train.default_num_workers(torch.device("cuda", 0)) == 10  # the official default
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert train.default_num_workers(torch.device("cuda", 3)) == 8  # 64 CPUs / 8 processes
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert train.default_num_workers(torch.device("cuda", 3)) == 1
     # a run without the flag records the number it used, so a checkpoint says how it ran
     i = TINY.index("--num_workers")
-    flags = TINY[:i] + TINY[i + 2:]
-    train.run(flags + ["--output_dir", str(tmp_path), "--epochs", "1", "--warmup_epochs", "0",
-                       "--knn_before", "false", "--attention_images", "0"])
-    assert load_checkpoint(tmp_path / "checkpoint.pth")["args"]["num_workers"] == 0
+    flags = TINY[:i] + TINY[i + 2:] + ["--epochs", "2", "--warmup_epochs", "0", "--knn_before",
+                                       "false", "--attention_images", "0"]
+    train.run(flags + ["--output_dir", str(tmp_path / "a"), "--max_train_minutes", "1e-6"])
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pth")["args"]["num_workers"] == 0
+    # a resume without the flag keeps the checkpoint's (a run of an older default, say)
+    (tmp_path / "b").mkdir()
+    ckpt = load_checkpoint(tmp_path / "a" / "checkpoint.pth")
+    ckpt["args"]["num_workers"] = 1
+    torch.save(ckpt, tmp_path / "b" / "checkpoint.pth")
+    train.run(flags + ["--output_dir", str(tmp_path / "b"), "--resume"])
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pth")["args"]["num_workers"] == 1
 
 
 def test_progress_bar_draws_in_place_and_stays_silent_when_disabled():
