@@ -19,6 +19,7 @@ trip, 7x slower at 32 px), with its radius range scaled to the crop size (see `b
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Optional
@@ -153,6 +154,10 @@ class DataAugmentationDINO:
         global_size = check_crop_size(global_size, "global_size")
         local_size = check_crop_size(local_size, "local_size")
         for name, stats in (("mean", mean), ("std", std)):
+            if isinstance(stats, (str, bytes)) or not hasattr(stats, "__len__") or \
+                    not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                            and math.isfinite(v) for v in stats):
+                raise TypeError(f"{name} must be 3 finite real numbers (RGB), got {stats!r}")
             if len(stats) != 3:
                 raise ValueError(f"{name} must have 3 values (RGB), got {stats!r}")
         if any(s <= 0 for s in std):

@@ -156,6 +156,15 @@ def test_bad_augmentation_arguments_raise(kwargs):
         DataAugmentationDINO(**kwargs)
 
 
+@pytest.mark.parametrize("name,value", [
+    ("mean", "abc"), ("std", "rgb"), ("mean", 0.5), ("mean", (0.5, "a", 0.5)),
+    ("std", (0.2, float("nan"), 0.2)), ("mean", (True, 0.5, 0.5))])
+def test_mean_and_std_must_be_three_real_numbers(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be 3 finite real numbers"):
+        DataAugmentationDINO(**{name: value})
+    DataAugmentationDINO(mean=np.array([0.5, 0.5, 0.5]), std=[0.2, 0.2, 0.2])  # any sequence
+
+
 def test_augmentation_rejects_non_images():
     with pytest.raises(TypeError, match="PIL image"):
         DataAugmentationDINO(global_size=16, local_size=8)(np.zeros((8, 8, 3)))
