@@ -17,6 +17,15 @@ def check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
+def check_finite(value, name: str) -> float:
+    """A finite real number (not a bool): schedule values, loss scales."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
 def check_positive(value, name: str) -> float:
     """A positive finite real number (temperatures, learning rates)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -3,13 +3,12 @@ the eager op (dino_fast/cross_entropy.py) and its Triton kernels (kernels/cross_
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from dino_fast.checks import check_floating_tensor, check_positive
+from dino_fast.checks import check_finite, check_floating_tensor, check_positive
 
 
 @dataclass(frozen=True)
@@ -67,10 +66,7 @@ def check_cross_entropy_inputs(student, teacher, pair_weight, *, student_temp, t
     elif center is not None:
         raise ValueError("center is only used with teacher logits: pass teacher_temp too, or "
                          "center=None for teacher probabilities")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {scale!r}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
+    check_finite(scale, "scale")
     check_floating_tensor(student, "student")
     check_floating_tensor(teacher, "teacher")
     if student.dim() != 2 or teacher.dim() != 2:

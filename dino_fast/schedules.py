@@ -5,21 +5,9 @@ a pure function of the global step: a resumed run sees exactly the values it wou
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 
-from dino_fast.checks import check_int, check_positive
-
-
-def _check_finite(value, name: str) -> float:
-    """A finite real number (not a bool); returned as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return float(value)
+from dino_fast.checks import check_finite, check_int, check_positive
 
 
 def _check_warmup(warmup, name: str, total, total_name: str) -> int:
@@ -45,9 +33,9 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
     epochs and niter_per_ep are integers >= 1, warmup_epochs an integer in [0, epochs], the values
     finite real numbers; anything else is a TypeError / ValueError naming the argument.
     """
-    base_value = _check_finite(base_value, "base_value")
-    final_value = _check_finite(final_value, "final_value")
-    start_warmup_value = _check_finite(start_warmup_value, "start_warmup_value")
+    base_value = check_finite(base_value, "base_value")
+    final_value = check_finite(final_value, "final_value")
+    start_warmup_value = check_finite(start_warmup_value, "start_warmup_value")
     epochs = check_int(epochs, "epochs", 1)
     niter_per_ep = check_int(niter_per_ep, "niter_per_ep", 1)
     warmup_epochs = _check_warmup(warmup_epochs, "warmup_epochs", epochs, "epochs")
