@@ -163,23 +163,15 @@ class DINOLoss(nn.Module):
         super().__init__()
         out_dim = check_int(out_dim, "out_dim", 1)
         self.ncrops = check_int(ncrops, "ncrops", N_GLOBAL_CROPS)
-        nepochs = check_int(nepochs, "nepochs", 1)
-        warmup_teacher_temp_epochs = check_int(warmup_teacher_temp_epochs,
-                                                "warmup_teacher_temp_epochs", 0)
-        if warmup_teacher_temp_epochs > nepochs:
-            raise ValueError(f"warmup_teacher_temp_epochs must be <= nepochs={nepochs}, got "
-                             f"{warmup_teacher_temp_epochs}")
-        check_positive(warmup_teacher_temp, "warmup_teacher_temp")
-        check_positive(teacher_temp, "teacher_temp")
+        # we apply the same per-epoch schedule as the official script (it checks its arguments)
+        self.teacher_temp_schedule = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self.student_temp = check_positive(student_temp, "student_temp")
         self.center_momentum = check_unit_interval(center_momentum, "center_momentum")
         self.backend = check_backend_name(backend)
         self.async_center = bool(async_center)
         self.last_backend: Optional[str] = None
         self.register_buffer("center", torch.zeros(1, out_dim))
-        # we apply the same per-epoch schedule as the official script
-        self.teacher_temp_schedule = teacher_temp_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
         self._pending_center = None  # (work handle, row sum, global row count) when async
         self.register_state_dict_pre_hook(
             lambda module, *args, **kwargs: module.synchronize_center())
